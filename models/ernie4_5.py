@@ -1,0 +1,284 @@
+"""ERNIE 4.5 text models: the dense 0.3B and the MoE 21B-A3B.
+
+Both are Llama-shaped pre-norm decoders (RMSNorm, GQA, SwiGLU, tied head) with interleaved-pair
+RoPE; the MoE model swaps the MLP of some layers for a routed mixture with shared experts. Module and
+parameter names follow the hub checkpoints, so most tensors load by name.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .layers import MLP, Attention, KVCache, RMSNorm, rope_cos_sin, rope_inv_freq
+
+DENSE_ARCHITECTURES = ("Ernie4_5ForCausalLM", "Ernie4_5_ForCausalLM")
+MOE_ARCHITECTURES = ("Ernie4_5_MoeForCausalLM",)
+
+
+@dataclass
+class Ernie45Config:
+    """The config.json keys the forward pass depends on. `moe_num_experts == 0` means dense."""
+
+    vocab_size: int = 103424
+    hidden_size: int = 1024
+    intermediate_size: int = 3072
+    num_hidden_layers: int = 18
+    num_attention_heads: int = 16
+    num_key_value_heads: int = 2
+    head_dim: int = 128
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 500000.0
+    max_position_embeddings: int = 131072
+    tie_word_embeddings: bool = True
+    use_bias: bool = False
+    moe_num_experts: int = 0
+    moe_k: int = 6
+    moe_intermediate_size: int = 1536
+    moe_num_shared_experts: int = 0
+    moe_layer_start_index: int = 1
+    moe_layer_end_index: int = -1
+    moe_layer_interval: int = 1
+    moe_norm_min: float = 1e-12
+    moe_use_aux_free: bool = True
+    bos_token_id: int | None = 1
+    eos_token_id: int | list[int] | None = 2
+    pad_token_id: int | None = 0
+    torch_dtype: str = "bfloat16"
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> Ernie45Config:
+        """Parse an official config.json (the 2025 originals and transformers v5 rewrites)."""
+        architecture = (raw.get("architectures") or [""])[0]
+        is_moe = architecture in MOE_ARCHITECTURES or raw.get("model_type") == "ernie4_5_moe"
+        known = {f.name for f in fields(cls)}
+        values = {k: v for k, v in raw.items() if k in known and v is not None}
+        # v5 moves rope_theta into rope_parameters; the hub originals keep it at the top level.
+        rope = raw.get("rope_parameters") or raw.get("rope_scaling") or {}
+        if "rope_theta" not in values and "rope_theta" in rope:
+            values["rope_theta"] = rope["rope_theta"]
+        if rope.get("rope_type", "default") != "default":
+            raise ValueError(f"unsupported rope_type {rope['rope_type']!r}")
+        values["torch_dtype"] = raw.get("torch_dtype") or raw.get("dtype") or "bfloat16"
+        # Dense configs default to head_dim 128 even without the key (the reference's class
+        # default); the MoE config has no such default and derives it from the width.
+        if "head_dim" not in values and is_moe:
+            values["head_dim"] = raw["hidden_size"] // raw["num_attention_heads"]
+        if "num_key_value_heads" not in values:
+            values["num_key_value_heads"] = raw.get("num_attention_heads", cls.num_attention_heads)
+        if not is_moe:
+            values["moe_num_experts"] = 0
+        config = cls(**values)
+        if config.moe_layer_end_index == -1:
+            config.moe_layer_end_index = config.num_hidden_layers - 1
+        return config
+
+    @property
+    def eos_token_ids(self) -> list[int]:
+        eos = self.eos_token_id
+        return [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+
+    def is_moe_layer(self, index: int) -> bool:
+        return (
+            self.moe_num_experts > 0
+            and (index + 1) % self.moe_layer_interval == 0
+            and self.moe_layer_start_index <= index <= self.moe_layer_end_index
+        )
+
+
+def grouped_mm_supported(x: torch.Tensor) -> bool:
+    """torch's grouped GEMM runs on CPU in any float dtype, on CUDA only in bf16 on sm80+."""
+    if not hasattr(F, "grouped_mm"):
+        return False
+    if x.device.type == "cpu":
+        return True
+    return x.device.type == "cuda" and x.dtype == torch.bfloat16 and torch.cuda.get_device_capability(x.device)[0] >= 8
+
+
+class Experts(nn.Module):
+    """All routed experts' weights stacked, so tokens run grouped by expert in two grouped GEMMs."""
+
+    def __init__(self, num_experts: int, dim: int, hidden: int) -> None:
+        super().__init__()
+        self.hidden = hidden
+        self.gate_up = nn.Parameter(torch.empty(num_experts, 2 * hidden, dim))  # [gate; up] rows
+        self.down = nn.Parameter(torch.empty(num_experts, dim, hidden))
+
+    def forward(self, x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """x: [N, d]; experts, weights: [N, k]. Returns sum_j weights[:, j] * expert_j(x)."""
+        N, k = experts.shape
+        flat = experts.flatten()
+        order = flat.argsort(stable=True)
+        counts = torch.bincount(flat, minlength=self.gate_up.shape[0])
+        xs = x[order // k]  # token rows grouped by expert
+        if grouped_mm_supported(x):
+            ends = counts.cumsum(0).to(torch.int32)
+            gate, up = F.grouped_mm(xs, self.gate_up.transpose(1, 2), offs=ends).split(self.hidden, dim=-1)
+            out = F.grouped_mm(F.silu(gate) * up, self.down.transpose(1, 2), offs=ends)
+        else:  # one GEMM pair per expert that received tokens
+            out = torch.empty_like(xs)
+            start = 0
+            for e, n in enumerate(counts.tolist()):
+                if n:
+                    gate, up = F.linear(xs[start : start + n], self.gate_up[e]).split(self.hidden, dim=-1)
+                    out[start : start + n] = F.linear(F.silu(gate) * up, self.down[e])
+                    start += n
+        out = out * weights.flatten()[order, None]
+        # Back to (token, choice) order, then a deterministic sum over the k choices.
+        unsorted = torch.empty_like(out)
+        unsorted[order] = out
+        return unsorted.view(N, k, -1).sum(dim=1)
+
+
+class CorrectionBias(nn.Module):
+    """Holds `e_score_correction_bias` under the checkpoint's `moe_statics` name."""
+
+    def __init__(self, num_experts: int) -> None:
+        super().__init__()
+        self.e_score_correction_bias = nn.Parameter(torch.zeros(1, num_experts))
+
+
+class MoE(nn.Module):
+    """Top-k routed experts plus always-on shared experts.
+
+    The router runs in fp32: softmax first, then the correction bias is added only to *choose* the
+    experts; the mixing weights are the unbiased probabilities of the chosen ones, renormalised.
+    """
+
+    def __init__(self, config: Ernie45Config) -> None:
+        super().__init__()
+        d, E = config.hidden_size, config.moe_num_experts
+        self.k, self.norm_min = config.moe_k, config.moe_norm_min
+        self.gate = nn.Linear(d, E, bias=False)
+        self.moe_statics = CorrectionBias(E)
+        self.experts = Experts(E, d, config.moe_intermediate_size)
+        shared = config.moe_intermediate_size * config.moe_num_shared_experts
+        self.shared_experts = MLP(d, shared, config.use_bias) if shared else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])
+        probs = F.softmax(F.linear(x.float(), self.gate.weight.float()), dim=-1)
+        _, experts = torch.topk(probs + self.moe_statics.e_score_correction_bias[0], self.k, dim=-1)
+        weights = probs.gather(-1, experts)
+        weights = weights / weights.sum(-1, keepdim=True).clamp(min=self.norm_min)
+        out = self.experts(x, experts, weights.to(x.dtype))
+        if self.shared_experts is not None:
+            out = out + self.shared_experts(x)
+        return out.view(shape)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: Ernie45Config, index: int) -> None:
+        super().__init__()
+        c = config
+        self.index = index
+        self.self_attn = Attention(
+            c.hidden_size, c.num_attention_heads, c.num_key_value_heads, c.head_dim, c.use_bias
+        )
+        self.mlp = MoE(c) if c.is_moe_layer(index) else MLP(c.hidden_size, c.intermediate_size, c.use_bias)
+        self.input_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
+
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache | None, start: int
+    ) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, self.index, start)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Ernie45Model(nn.Module):
+    def __init__(self, config: Ernie45Config) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+
+class Ernie45ForCausalLM(nn.Module):
+    """Dense or MoE ERNIE 4.5 causal LM. `forward(ids, cache, start)` returns logits [B, T, V]."""
+
+    def __init__(self, config: Ernie45Config) -> None:
+        super().__init__()
+        self.config = config
+        self.model = Ernie45Model(config)
+        self.lm_head = None if config.tie_word_embeddings else nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self._inv_freq: torch.Tensor | None = None
+
+    @property
+    def device(self) -> torch.device:
+        """Where inputs go (the embedding's device)."""
+        return self.model.embed_tokens.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.embed_tokens.weight.dtype
+
+    def cast(self, dtype: torch.dtype) -> Ernie45ForCausalLM:
+        """Cast to `dtype`, keeping the routers and correction biases in fp32 as the checkpoints do."""
+        self.to(dtype)
+        for module in self.modules():
+            if isinstance(module, MoE):
+                module.gate.float()
+                module.moe_statics.float()
+        return self
+
+    def checkpoint_targets(self) -> dict[str, torch.Tensor]:
+        """Map every checkpoint tensor name to the tensor (or view) it loads into.
+
+        Routed experts are stored one tensor per expert in the files and stacked here."""
+        targets = dict(self.named_parameters())
+        hidden = self.config.moe_intermediate_size
+        for name, module in self.named_modules():
+            if isinstance(module, Experts):
+                del targets[f"{name}.gate_up"], targets[f"{name}.down"]
+                for e in range(module.gate_up.shape[0]):
+                    targets[f"{name}.{e}.gate_proj.weight"] = module.gate_up[e, :hidden]
+                    targets[f"{name}.{e}.up_proj.weight"] = module.gate_up[e, hidden:]
+                    targets[f"{name}.{e}.down_proj.weight"] = module.down[e]
+        return targets
+
+    def ignores_checkpoint_key(self, name: str) -> bool:
+        """Tensors present in official files that inference does not use."""
+        if "mtp" in name:  # multi-token-prediction head (speculative decoding only)
+            return True
+        return name == "lm_head.weight" and self.lm_head is None  # tied: the embedding is the head
+
+    def may_miss_checkpoint_key(self, name: str) -> bool:
+        """Tensors a valid checkpoint may lack; they stay zero. Without aux-free balancing
+        (`moe_use_aux_free: false`) there is no correction bias."""
+        return name.endswith("e_score_correction_bias") and not self.config.moe_use_aux_free
+
+    def new_cache(self, batch_size: int, capacity: int) -> KVCache:
+        c = self.config
+        devices = [layer.input_layernorm.weight.device for layer in self.model.layers]
+        return KVCache(c.num_hidden_layers, batch_size, c.num_key_value_heads, c.head_dim, capacity, self.dtype, devices)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        cache: KVCache | None = None,
+        start: int = 0,
+        last_only: bool = False,
+    ) -> torch.Tensor:
+        """Logits for `input_ids` [B, T] placed at positions start..start+T-1.
+
+        With a cache, keys/values of earlier positions come from it and the new ones are written
+        into it. `last_only` computes logits of the last position only (prefill for generation)."""
+        x = self.model.embed_tokens(input_ids)
+        if self._inv_freq is None or self._inv_freq.device != x.device:
+            self._inv_freq = rope_inv_freq(self.config.head_dim, self.config.rope_theta, x.device)
+        positions = torch.arange(start, start + input_ids.shape[1], device=x.device)
+        cos, sin = rope_cos_sin(positions[None], self._inv_freq)
+        for layer in self.model.layers:
+            device = layer.input_layernorm.weight.device
+            if x.device != device:  # a model split across devices by layers
+                x, cos, sin = x.to(device), cos.to(device), sin.to(device)
+            x = layer(x, cos, sin, cache, start)
+        x = x[:, -1:] if last_only else x
+        x = self.model.norm(x.to(self.model.norm.weight.device))
+        weight = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+        return F.linear(x.to(weight.device), weight)

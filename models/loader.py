@@ -1,0 +1,131 @@
+"""Load official hub checkpoints (config.json + single or sharded safetensors) into our models.
+
+The model is built on the meta device, checked against the safetensors headers (names, shapes)
+before any memory is allocated, then materialised directly on the target device and filled one
+tensor at a time from the memory-mapped files: no second full copy of the weights in host memory,
+and nothing is ever unpickled.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from .ernie4_5 import DENSE_ARCHITECTURES, MOE_ARCHITECTURES, Ernie45Config, Ernie45ForCausalLM
+from .hub import resolve_checkpoint
+
+SUPPORTED_ARCHITECTURES = DENSE_ARCHITECTURES + MOE_ARCHITECTURES
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that does not match the model it declares."""
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def default_dtype(device: torch.device) -> torch.dtype:
+    """bf16 on accelerators (the checkpoints' own dtype); fp32 on CPU, where bf16 matmuls are slow
+    on most processors and fp32 is exact."""
+    return torch.float32 if device.type == "cpu" else torch.bfloat16
+
+
+def read_config(folder: Path) -> dict:
+    path = folder / "config.json"
+    if not path.is_file():
+        raise CheckpointError(f"{folder} has no config.json")
+    return json.loads(path.read_text())
+
+
+def weight_files(folder: Path) -> list[Path]:
+    """The safetensors files of a checkpoint, driven by the index when it is sharded."""
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        missing = [n for n in names if not (folder / n).is_file()]
+        if missing:
+            raise CheckpointError(f"{folder}: shards listed in the index are missing: {', '.join(missing)}")
+        return [folder / n for n in names]
+    single = folder / "model.safetensors"
+    if single.is_file():
+        return [single]
+    others = sorted(p.name for p in folder.iterdir() if p.suffix in (".bin", ".pdparams", ".pt"))
+    hint = f" (found {', '.join(others)}; only safetensors are loaded, pickles never)" if others else ""
+    raise CheckpointError(f"{folder} has no model.safetensors or model.safetensors.index.json{hint}")
+
+
+def check_tensors(model: Ernie45ForCausalLM, headers: dict[str, list[int]]) -> None:
+    """Raise one error naming every missing, unexpected and mis-shaped tensor."""
+    targets = model.checkpoint_targets()
+    missing = [k for k in targets if k not in headers and not model.may_miss_checkpoint_key(k)]
+    unexpected = [k for k in headers if k not in targets and not model.ignores_checkpoint_key(k)]
+    misshaped = [
+        f"{k}: file {tuple(shape)}, model {tuple(targets[k].shape)}"
+        for k, shape in headers.items()
+        if k in targets and tuple(shape) != tuple(targets[k].shape)
+    ]
+    problems = [
+        (f"{len(missing)} missing", missing),
+        (f"{len(unexpected)} unexpected", unexpected),
+        (f"{len(misshaped)} with a wrong shape", misshaped),
+    ]
+    lines = [f"{title}: " + ", ".join(items[:20]) + (" ..." if len(items) > 20 else "") for title, items in problems if items]
+    if lines:
+        raise CheckpointError("checkpoint does not match its config.json; tensors " + "; ".join(lines))
+
+
+def load_model(
+    path_or_repo_id: str | os.PathLike,
+    device: str | torch.device | dict[str, str | torch.device] | None = None,
+    dtype: torch.dtype | None = None,
+    revision: str | None = None,
+) -> Ernie45ForCausalLM:
+    """Load an ERNIE 4.5 text checkpoint (hub id or local folder) ready for inference.
+
+    `device` is one device, or a device map {module name: device} (as accelerate's
+    `infer_auto_device_map` produces; "" is the whole model) to split a model by layers."""
+    folder = resolve_checkpoint(path_or_repo_id, revision)
+    raw = read_config(folder)
+    architecture = (raw.get("architectures") or ["<none>"])[0]
+    if architecture not in SUPPORTED_ARCHITECTURES:
+        raise CheckpointError(
+            f"{folder}: architecture {architecture!r} is not supported by load_model "
+            f"(supported: {', '.join(SUPPORTED_ARCHITECTURES)})"
+        )
+    config = Ernie45Config.from_dict(raw)
+    device_map = device if isinstance(device, dict) else {"": device if device is not None else default_device()}
+    devices = [torch.device(d) for d in device_map.values()]
+    dtype = dtype or default_dtype(next((d for d in devices if d.type != "cpu"), devices[0]))
+
+    files = weight_files(folder)
+    headers: dict[str, list[int]] = {}
+    for file in files:
+        with safe_open(file, framework="pt") as f:
+            for key in f.keys():
+                headers[key] = f.get_slice(key).get_shape()
+
+    with torch.device("meta"):
+        model = Ernie45ForCausalLM(config)
+    model.cast(dtype).requires_grad_(False).eval()
+    check_tensors(model, headers)
+
+    for name, module_device in device_map.items():
+        model.get_submodule(name).to_empty(device=module_device)
+    unplaced = [name for name, p in model.named_parameters() if p.is_meta]
+    if unplaced:
+        raise ValueError(f"device map leaves {len(unplaced)} tensors unplaced, e.g. {unplaced[0]}")
+    targets = model.checkpoint_targets()
+    with torch.no_grad():
+        for key, target in targets.items():
+            if key not in headers:  # allowed to be absent (see may_miss_checkpoint_key)
+                target.zero_()
+        for file in files:
+            with safe_open(file, framework="pt") as f:
+                for key in f.keys():
+                    if key in targets:
+                        targets[key].copy_(f.get_tensor(key))
+    return model
