@@ -87,7 +87,7 @@ DENSE_CASES = {
 @pytest.mark.parametrize("case", DENSE_CASES)
 def test_dense_logits_match_reference(tmp_path, case):
     reference, folder = save_reference(tmp_path, dense_config(**DENSE_CASES[case]))
-    compare_logits(reference, load_model(folder, device="cpu"))
+    compare_logits(reference, load_model(folder, device="cpu", dtype=torch.float32))
 
 
 MOE_CASES = {
@@ -103,19 +103,19 @@ MOE_CASES = {
 def test_moe_logits_match_reference(tmp_path, case):
     reference, folder = save_reference(tmp_path, moe_config(**MOE_CASES[case]))
     assert reference.model.layers[1].mlp.gate.moe_statics.e_score_correction_bias.abs().sum() > 0
-    compare_logits(reference, load_model(folder, device="cpu"))
+    compare_logits(reference, load_model(folder, device="cpu", dtype=torch.float32))
 
 
 def test_moe_per_expert_loop_matches_grouped_gemm(tmp_path, monkeypatch):
     """The fallback for devices without grouped GEMM (pre-sm80 GPUs, fp16) computes the same."""
     reference, folder = save_reference(tmp_path, moe_config(moe_k=3))
     monkeypatch.setattr("models.ernie4_5.grouped_mm_supported", lambda x: False)
-    compare_logits(reference, load_model(folder, device="cpu"))
+    compare_logits(reference, load_model(folder, device="cpu", dtype=torch.float32))
 
 
 def test_moe_layer_rule(tmp_path):
     _, folder = save_reference(tmp_path, moe_config(moe_layer_interval=2, num_hidden_layers=6, moe_layer_start_index=2))
-    model = load_model(folder, device="cpu")
+    model = load_model(folder, device="cpu", dtype=torch.float32)
     sparse = [i for i, layer in enumerate(model.model.layers) if hasattr(layer.mlp, "experts")]
     assert sparse == [3, 5]
 
@@ -123,7 +123,7 @@ def test_moe_layer_rule(tmp_path):
 @pytest.mark.parametrize("config", [dense_config(), moe_config(moe_k=3)], ids=["dense", "moe"])
 def test_greedy_generation_matches_reference(tmp_path, config):
     reference, folder = save_reference(tmp_path, config)
-    ours = load_model(folder, device="cpu")
+    ours = load_model(folder, device="cpu", dtype=torch.float32)
     prompt = torch.randint(3, VOCAB, (1, 7), generator=torch.Generator().manual_seed(2))
     expected = reference.generate(prompt, max_new_tokens=32, min_new_tokens=32, do_sample=False)
     assert list(generate(ours, prompt[0].tolist(), 32, eos_token_ids=[])) == expected[0, 7:].tolist()
@@ -147,12 +147,12 @@ def test_sharded_checkpoint(tmp_path):
     reference, folder = save_reference(tmp_path, moe_config(), max_shard_size="100KB")
     assert (folder / "model.safetensors.index.json").is_file()
     assert len(list(folder.glob("model-*.safetensors"))) > 2
-    compare_logits(reference, load_model(folder, device="cpu"))
+    compare_logits(reference, load_model(folder, device="cpu", dtype=torch.float32))
 
 
 def test_kv_cache_steps_equal_full_forward(tmp_path):
     _, folder = save_reference(tmp_path, moe_config())
-    model = load_model(folder, device="cpu")
+    model = load_model(folder, device="cpu", dtype=torch.float32)
     ids = torch.randint(0, VOCAB, (2, 12))
     with torch.no_grad():
         full = model(ids)
@@ -183,7 +183,7 @@ def test_original_hub_config_and_extra_tensors(tmp_path):
         tensors["model.mtp_linear_proj.0.weight"] = torch.zeros(64, 128)
 
     edit_checkpoint(folder, add_extras)
-    compare_logits(reference, load_model(folder, device="cpu"))
+    compare_logits(reference, load_model(folder, device="cpu", dtype=torch.float32))
 
 
 def test_mismatched_checkpoint_names_every_problem(tmp_path):
@@ -196,7 +196,7 @@ def test_mismatched_checkpoint_names_every_problem(tmp_path):
 
     edit_checkpoint(folder, corrupt)
     with pytest.raises(CheckpointError) as error:
-        load_model(folder, device="cpu")
+        load_model(folder, device="cpu", dtype=torch.float32)
     message = str(error.value)
     for name in ("model.layers.1.mlp.up_proj.weight", "model.layers.0.self_attn.k_proj.weight", "model.surprise.weight"):
         assert name in message
@@ -206,19 +206,19 @@ def test_unsupported_checkpoints_give_clear_errors(tmp_path):
     _, folder = save_reference(tmp_path, dense_config())
     (folder / "model.safetensors").rename(folder / "pytorch_model.bin")
     with pytest.raises(CheckpointError, match="pytorch_model.bin"):
-        load_model(folder, device="cpu")
+        load_model(folder, device="cpu", dtype=torch.float32)
     config = json.loads((folder / "config.json").read_text())
     config["architectures"] = ["LlamaForCausalLM"]
     (folder / "config.json").write_text(json.dumps(config))
     with pytest.raises(CheckpointError, match="LlamaForCausalLM"):
-        load_model(folder, device="cpu")
+        load_model(folder, device="cpu", dtype=torch.float32)
 
 
 def test_model_placed_by_device_map(tmp_path):
     """The device-map path used to split a model across GPUs by layers (all on CPU here)."""
     reference, folder = save_reference(tmp_path, moe_config())
     names = ["model.embed_tokens", "model.layers.0", "model.layers.1", "model.layers.2", "model.layers.3", "model.norm"]
-    ours = load_model(folder, device={name: "cpu" for name in names})
+    ours = load_model(folder, device={name: "cpu" for name in names}, dtype=torch.float32)
     compare_logits(reference, ours)
     with pytest.raises(ValueError, match="unplaced"):
         load_model(folder, device={"model.layers": "cpu"})
@@ -231,6 +231,6 @@ def test_model_split_between_cpu_and_gpu(tmp_path):
                   "model.layers.2": "cuda:0", "model.layers.3": "cpu", "model.norm": "cuda:0"}
     ours = load_model(folder, device=device_map, dtype=torch.float32)
     compare_logits(reference, ours, atol=1e-3)
-    single = load_model(folder, device="cpu")
+    single = load_model(folder, device="cpu", dtype=torch.float32)
     prompt = [5, 6, 7]
     assert list(generate(ours, prompt, 8, eos_token_ids=[])) == list(generate(single, prompt, 8, eos_token_ids=[]))
