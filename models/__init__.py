@@ -3,13 +3,16 @@ from .ernie4_5 import Ernie45Config, Ernie45ForCausalLM
 from .generation import generate, sample_token
 from .layers import KVCache
 from .loader import CheckpointError, load_model
+from .tokenizer import Tokenizer, load_tokenizer
 
 __all__ = [
     "CheckpointError",
     "Ernie45Config",
     "Ernie45ForCausalLM",
     "KVCache",
+    "Tokenizer",
     "generate",
     "load_model",
+    "load_tokenizer",
     "sample_token",
 ]

@@ -18,6 +18,7 @@ from transformers import (
 )
 
 from models import CheckpointError, generate, load_model
+from models.factory import tiny_config, write_checkpoint
 
 VOCAB = 320
 
@@ -234,3 +235,18 @@ def test_model_split_between_cpu_and_gpu(tmp_path):
     single = load_model(folder, device="cpu", dtype=torch.float32)
     prompt = [5, 6, 7]
     assert list(generate(ours, prompt, 8, eos_token_ids=[])) == list(generate(single, prompt, 8, eos_token_ids=[]))
+
+
+@pytest.mark.parametrize("kind", ["dense", "moe"])
+def test_factory_checkpoints_are_what_transformers_expects(tmp_path, kind):
+    """Our generated checkpoints (used by the demo and other tests) load in the reference with
+    no missing or unexpected tensors (MTP aside, which it ignores too) and give the same logits."""
+    folder = write_checkpoint(tmp_path, tiny_config(kind), max_shard_bytes=2**17)
+    assert (folder / "model.safetensors.index.json").is_file()
+    reference, info = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, output_loading_info=True)
+    assert not info["missing_keys"] and not info["mismatched_keys"]
+    assert all("mtp" in key for key in info["unexpected_keys"])
+    ours = load_model(folder, device="cpu", dtype=torch.float32)
+    ids = torch.randint(0, ours.config.vocab_size, (2, 9))
+    with torch.no_grad():
+        assert (reference.eval()(ids).logits - ours(ids)).abs().max() < 1e-4

@@ -1,0 +1,251 @@
+"""Tiny random checkpoints in the exact on-disk layout of the official hub repos.
+
+Tests and the app's demo mode use them: same file names, tensor names, shapes and dtypes, config
+keys and tokenizer files as baidu/ERNIE-4.5-0.3B-PT and -21B-A3B-PT, only smaller (or, for
+benchmarks, at the real sizes). Runtime packages only, deterministic for a given seed.
+"""
+from __future__ import annotations
+
+import json
+import math
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+from .chat_template import ERNIE_4_5_CHAT_TEMPLATE
+from .sentencepiece_model import BPE_MODEL, BYTE, CONTROL, NORMAL, UNKNOWN, USER_DEFINED, Piece, SentencePieceModel
+from .sentencepiece_model import serialize_model, to_tokenizers
+
+# ---- tokenizer ----------------------------------------------------------------------------------
+
+SPECIAL_TOKENS = {"unk_token": "<unk>", "bos_token": "<s>", "eos_token": "</s>", "pad_token": "<unk>",
+                  "cls_token": "<|begin_of_sentence|>", "sep_token": "<|end_of_sentence|>", "mask_token": "<mask:1>"}
+EXTRA_SPECIAL_TOKENS = ["<mask:4>", "<mask:5>", "<mask:6>", "<mask:7>"]
+CORPUS = """\
+Hello! How can I help you today? I am a helpful assistant and I answer questions clearly.
+The quick brown fox jumps over the lazy dog. What is the capital of France? Paris is the capital.
+Please write a short poem about the sea, the moon and the stars in the night sky.
+def fibonacci(n):\n    return n if n < 2 else fibonacci(n - 1) + fibonacci(n - 2)\n
+你好！我是文心一言，很高兴为你服务。今天天气很好，我们去公园散步吧。中国的首都是北京。
+请用中文回答这个问题：人工智能是什么？人工智能是让机器像人一样思考和学习的技术。
+こんにちは。今日はいい天気ですね。日本の首都は東京です。
+مرحبا بك! كيف يمكنني مساعدتك اليوم؟ Привет, как дела? Bonjour, comment ça va? ¿Dónde está la biblioteca?
+Emoji 😀 🎉 👍 ❤️ and numbers like 2024, 3.14159 and 100% are common in chats.
+"""
+
+
+def _sentencepiece_model() -> SentencePieceModel:
+    """A SentencePiece BPE model with ERNIE's id layout: <unk> <s> </s>, the ten digits as
+    user-defined symbols, 256 byte-fallback pieces, BPE pieces learned from CORPUS (no dummy
+    prefix, whitespace kept as in ERNIE's tokenizer), then the chat special tokens."""
+    text = CORPUS.replace(" ", "▁")
+    trainer = trainers.BpeTrainer(vocab_size=900, min_frequency=2, show_progress=False)
+    learner = Tokenizer(models.BPE())
+    learner.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Split("▁", "merged_with_next"), pre_tokenizers.Digits(individual_digits=True)]
+    )
+    learner.train_from_iterator(text.splitlines(), trainer)
+    merged = [left + right for left, right in json.loads(learner.to_str())["model"]["merges"]]
+    chars = sorted({c for c in text if not c.isdigit() and c != "\n"} | {"▁"})
+    pieces = [Piece("<unk>", 0, UNKNOWN), Piece("<s>", 0, CONTROL), Piece("</s>", 0, CONTROL)]
+    pieces += [Piece(str(d), 0, USER_DEFINED) for d in range(10)]
+    pieces += [Piece(f"<0x{b:02X}>", 0, BYTE) for b in range(256)]
+    normal = list(dict.fromkeys(p for p in merged if not any(c.isdigit() for c in p)))
+    normal += [c for c in chars if c not in normal]
+    pieces += [Piece(p, -float(i), NORMAL) for i, p in enumerate(normal)]
+    specials = [SPECIAL_TOKENS["cls_token"], SPECIAL_TOKENS["sep_token"], SPECIAL_TOKENS["mask_token"], *EXTRA_SPECIAL_TOKENS]
+    pieces += [Piece(p, 0, CONTROL) for p in specials]
+    return SentencePieceModel(pieces, model_type=BPE_MODEL, byte_fallback=True, add_dummy_prefix=False,
+                              remove_extra_whitespaces=False, normalizer_name="identity")
+
+
+@lru_cache(maxsize=1)
+def _tokenizer_files() -> dict[str, bytes]:
+    spm = _sentencepiece_model()
+    ids = {p.piece: i for i, p in enumerate(spm.pieces)}
+    special = [p.piece for p in spm.pieces if p.type in (CONTROL, UNKNOWN)]
+    decoder = {
+        str(ids[t]): {"content": t, "lstrip": False, "normalized": False, "rstrip": False, "single_word": False, "special": True}
+        for t in special
+    }
+    config = {
+        "add_bos_token": False, "add_eos_token": False, "add_prefix_space": False, "legacy": True,
+        "added_tokens_decoder": decoder, **SPECIAL_TOKENS, "additional_special_tokens": EXTRA_SPECIAL_TOKENS,
+        "chat_template": ERNIE_4_5_CHAT_TEMPLATE, "clean_up_tokenization_spaces": False,
+        "model_max_length": 131072, "sp_model_kwargs": {}, "spaces_between_special_tokens": False,
+        "tokenizer_class": "LlamaTokenizer", "use_default_system_prompt": False,
+    }
+    special_map = {**SPECIAL_TOKENS, "additional_special_tokens": EXTRA_SPECIAL_TOKENS}
+    return {
+        "tokenizer.model": serialize_model(spm),
+        "tokenizer.json": to_tokenizers(spm).to_str(pretty=True).encode(),
+        "tokenizer_config.json": json.dumps(config, indent=2, ensure_ascii=False).encode(),
+        "special_tokens_map.json": json.dumps(special_map, indent=2).encode(),
+    }
+
+
+def write_tokenizer_files(directory: str | Path) -> None:
+    """tokenizer.model, tokenizer.json, tokenizer_config.json (with the chat template) and
+    special_tokens_map.json, as in the hub's ERNIE 4.5 text repos."""
+    folder = Path(directory)
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, data in _tokenizer_files().items():
+        (folder / name).write_bytes(data)
+
+# ---- model --------------------------------------------------------------------------------------
+
+TINY_VOCAB_SIZE = 512  # the factory tokenizer's 501 tokens, padded like the real 103424 > 101304
+
+# The official config.json of baidu/ERNIE-4.5-0.3B-PT and baidu/ERNIE-4.5-21B-A3B-PT (hub format:
+# top-level rope_theta, torch_dtype; see shared/reference/checkpoints.md §2.1, §3.1).
+ERNIE_0_3B_CONFIG: dict = {
+    "architectures": ["Ernie4_5ForCausalLM"],
+    "bos_token_id": 1,
+    "eos_token_id": 2,
+    "pad_token_id": 0,
+    "hidden_act": "silu",
+    "hidden_size": 1024,
+    "intermediate_size": 3072,
+    "max_position_embeddings": 131072,
+    "model_type": "ernie4_5",
+    "num_attention_heads": 16,
+    "num_key_value_heads": 2,
+    "head_dim": 128,
+    "num_hidden_layers": 18,
+    "rms_norm_eps": 1e-05,
+    "rope_theta": 500000,
+    "tie_word_embeddings": True,
+    "torch_dtype": "bfloat16",
+    "use_bias": False,
+    "use_cache": False,
+    "vocab_size": 103424,
+}
+ERNIE_21B_A3B_CONFIG: dict = {
+    **{k: v for k, v in ERNIE_0_3B_CONFIG.items() if k != "head_dim"},
+    "architectures": ["Ernie4_5_MoeForCausalLM"],
+    "model_type": "ernie4_5_moe",
+    "hidden_size": 2560,
+    "intermediate_size": 12288,
+    "num_attention_heads": 20,
+    "num_key_value_heads": 4,
+    "num_hidden_layers": 28,
+    "moe_num_experts": 64,
+    "moe_k": 6,
+    "moe_intermediate_size": 1536,
+    "moe_num_shared_experts": 2,
+    "moe_layer_start_index": 1,
+    "moe_layer_end_index": 27,
+    "moe_layer_interval": 1,
+    "moe_use_aux_free": True,
+    "moe_capacity": [64, 64, 64],
+    "moe_gate": "topk",
+    "num_nextn_predict_layers": 1,
+}
+# generation_config.json of the 0.3B checkpoints (checkpoints.md §2.5).
+GENERATION_CONFIG: dict = {
+    "do_sample": True,
+    "top_p": 0.8,
+    "temperature": 0.8,
+    "bos_token_id": 1,
+    "eos_token_id": 2,
+    "pad_token_id": 0,
+    "repetition_penalty": 1.0,
+    "frequency_penalty": 0.0,
+    "presence_penalty": 0.0,
+}
+TINY_DIMS: dict = {
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "num_hidden_layers": 2,
+    "max_position_embeddings": 4096,
+}
+
+
+def tiny_config(kind: str, **overrides: Any) -> dict:
+    """A small config.json in the official format of the dense ("dense") or MoE ("moe") model."""
+    if kind == "dense":
+        config = {**ERNIE_0_3B_CONFIG, **TINY_DIMS, "head_dim": 32}
+    elif kind == "moe":
+        config = {**ERNIE_21B_A3B_CONFIG, **TINY_DIMS, "num_hidden_layers": 3, "moe_num_experts": 8,
+                  "moe_k": 2, "moe_intermediate_size": 32, "moe_layer_end_index": 2}
+    else:
+        raise ValueError(f"unknown kind {kind!r}: 'dense' or 'moe'")
+    return {**config, "vocab_size": TINY_VOCAB_SIZE, **overrides}
+
+
+def checkpoint_tensors(config: dict) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """Name -> (shape, dtype) of every tensor the official files of `config` hold: the model's own
+    tensors (routers and correction biases in fp32) plus the MTP head when the config declares one."""
+    from .ernie4_5 import Ernie45Config, Ernie45ForCausalLM
+
+    dtype = getattr(torch, config.get("torch_dtype", "bfloat16"))
+    with torch.device("meta"):
+        model = Ernie45ForCausalLM(Ernie45Config.from_dict(config)).cast(dtype)
+    tensors = {name: (tuple(t.shape), t.dtype) for name, t in model.checkpoint_targets().items()}
+    d = config["hidden_size"]
+    for i in range(config.get("num_nextn_predict_layers", 0)):
+        tensors[f"model.mtp_emb_norm.{i}.weight"] = ((d,), dtype)
+        tensors[f"model.mtp_hidden_norm.{i}.weight"] = ((d,), dtype)
+        tensors[f"model.mtp_linear_proj.{i}.weight"] = ((d, 2 * d), dtype)
+        layer = {k: v for k, v in tensors.items() if k.startswith("model.layers.0.")}
+        for name, spec in layer.items():
+            tensors[name.replace("model.layers.0.", f"model.mtp_block.{i}.")] = spec
+    return tensors
+
+
+def random_tensor(name: str, shape: tuple[int, ...], dtype: torch.dtype, generator: torch.Generator) -> torch.Tensor:
+    """Random weights with enough spread that greedy decoding has no near-ties."""
+    noise = torch.randn(shape, generator=generator)
+    if "norm" in name:
+        return (1 + 0.1 * noise).to(dtype)
+    if "e_score_correction_bias" in name:
+        return (0.05 * noise).to(dtype)
+    return (noise * shape[-1] ** -0.5).to(dtype)
+
+
+def write_checkpoint(
+    directory: str | Path,
+    config: dict,
+    *,
+    seed: int = 0,
+    max_shard_bytes: int | None = None,
+    tokenizer: bool = True,
+) -> Path:
+    """Write a random checkpoint of `config` as the hub publishes it: config.json,
+    generation_config.json, model.safetensors (or model-0000i-of-0000n.safetensors plus
+    model.safetensors.index.json when it exceeds `max_shard_bytes`) and the tokenizer files.
+    The dtype on disk is the config's `torch_dtype`."""
+    folder = Path(directory)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(json.dumps(config, indent=2))
+    (folder / "generation_config.json").write_text(json.dumps(GENERATION_CONFIG, indent=2))
+    specs = checkpoint_tensors(config)
+    shards: list[list[str]] = [[]]
+    size = 0
+    for name, (shape, dtype) in sorted(specs.items()):
+        nbytes = math.prod(shape) * dtype.itemsize
+        if max_shard_bytes and shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(name)
+        size += nbytes
+    generator = torch.Generator().manual_seed(seed)
+    weight_map = {}
+    for i, names in enumerate(shards):
+        file = "model.safetensors" if len(shards) == 1 else f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        tensors = {name: random_tensor(name, *specs[name], generator) for name in names}
+        save_file(tensors, folder / file, metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(names, file))
+    if len(shards) > 1:
+        total = sum(math.prod(shape) * dtype.itemsize for shape, dtype in specs.values())
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    if tokenizer:
+        write_tokenizer_files(folder)
+    return folder

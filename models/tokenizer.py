@@ -1,0 +1,162 @@
+"""Tokenizer of the ERNIE checkpoints on the `tokenizers` library alone.
+
+`tokenizer.json` is used when the checkpoint has one; otherwise `tokenizer.model` (SentencePiece
+BPE) is converted once and the result cached on disk. Special tokens and the chat template come
+from tokenizer_config.json and its companion files, as transformers reads them.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+from tokenizers import AddedToken
+from tokenizers import Tokenizer as Backend
+from tokenizers.decoders import DecodeStream
+
+from .chat_template import render_chat_template, resolve_chat_template
+from .hub import resolve_checkpoint
+from .sentencepiece_model import parse_model, to_tokenizers
+
+SPECIAL_TOKEN_NAMES = ("bos_token", "eos_token", "unk_token", "pad_token", "cls_token", "sep_token", "mask_token")
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("ERNIE_STUDIO_CACHE") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "ernie-studio"
+    return Path(root) / "tokenizers"
+
+
+def convert_sentencepiece(path: Path) -> Backend:
+    """Convert a tokenizer.model once; later loads read the cached tokenizer.json."""
+    data = path.read_bytes()
+    cached = cache_dir() / f"{hashlib.sha256(data).hexdigest()}.json"
+    if cached.is_file():
+        return Backend.from_file(str(cached))
+    backend = to_tokenizers(parse_model(data))
+    try:
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cached.with_suffix(f".{os.getpid()}.tmp")
+        backend.save(str(tmp))
+        tmp.replace(cached)  # atomic: concurrent loaders never read a half-written file
+    except OSError:
+        pass  # a read-only cache only costs a conversion per load
+    return backend
+
+
+def _content(token: str | dict | None) -> str | None:
+    return token.get("content") if isinstance(token, dict) else token
+
+
+def _read_json(path: Path) -> dict:
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+class StreamDecoder:
+    """Incremental detokenizer: `push(id)` returns the text the new token completes, holding back
+    incomplete UTF-8 sequences (byte-fallback runs), so streamed pieces always join to `decode`."""
+
+    def __init__(self, backend: Backend, skip_special_tokens: bool) -> None:
+        self._backend = backend
+        self._stream = DecodeStream(skip_special_tokens=skip_special_tokens)
+
+    def push(self, token_id: int) -> str:
+        return self._stream.step(self._backend, token_id) or ""
+
+
+class Tokenizer:
+    """encode/decode, special tokens and the chat template of one checkpoint."""
+
+    def __init__(self, backend: Backend, config: dict, special_tokens: dict[str, str], chat_template: str) -> None:
+        self.backend = backend
+        self.config = config
+        self.special_tokens = special_tokens
+        self.chat_template = chat_template
+        self.add_bos_token = bool(config.get("add_bos_token", False))
+
+    def __len__(self) -> int:
+        return self.backend.get_vocab_size(with_added_tokens=True)
+
+    def token_to_id(self, token: str) -> int | None:
+        return self.backend.token_to_id(token)
+
+    def _special_id(self, name: str) -> int | None:
+        token = self.special_tokens.get(name)
+        return None if token is None else self.token_to_id(token)
+
+    @property
+    def bos_token_id(self) -> int | None:
+        return self._special_id("bos_token")
+
+    @property
+    def eos_token_id(self) -> int | None:
+        return self._special_id("eos_token")
+
+    @property
+    def pad_token_id(self) -> int | None:
+        return self._special_id("pad_token")
+
+    @property
+    def all_special_ids(self) -> list[int]:
+        added = self.backend.get_added_tokens_decoder()
+        return sorted(i for i, token in added.items() if token.special)
+
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        """Token ids of `text`. Special tokens written in the text map to their ids (chat prompts
+        rely on this); `add_special_tokens` prepends BOS only where the checkpoint asks for it."""
+        ids = self.backend.encode(text, add_special_tokens=False).ids
+        if add_special_tokens and self.add_bos_token and self.bos_token_id is not None:
+            ids = [self.bos_token_id, *ids]
+        return ids
+
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = False) -> str:
+        return self.backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def stream_decoder(self, skip_special_tokens: bool = False) -> StreamDecoder:
+        return StreamDecoder(self.backend, skip_special_tokens)
+
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True, **kwargs) -> str:
+        """Render `messages` with the checkpoint's template; ValueError on template errors."""
+        return render_chat_template(
+            self.chat_template, messages, add_generation_prompt=add_generation_prompt,
+            special_tokens=self.special_tokens, **kwargs,
+        )
+
+
+def load_tokenizer(path_or_repo_id: str | os.PathLike, revision: str | None = None) -> Tokenizer:
+    """Load the tokenizer of a checkpoint (hub id or local folder)."""
+    folder = resolve_checkpoint(path_or_repo_id, revision)
+    if (folder / "tokenizer.json").is_file():
+        backend = Backend.from_file(str(folder / "tokenizer.json"))
+    elif (folder / "tokenizer.model").is_file():
+        backend = convert_sentencepiece(folder / "tokenizer.model")
+    else:
+        raise ValueError(f"{folder} has neither tokenizer.json nor tokenizer.model")
+
+    config = _read_json(folder / "tokenizer_config.json")
+    # Added tokens as transformers declares them: the config's decoder table, then added_tokens.json.
+    declared = {int(i): t for i, t in config.get("added_tokens_decoder", {}).items()}
+    for token, i in _read_json(folder / "added_tokens.json").items():
+        declared.setdefault(int(i), {"content": token, "special": True})
+    already_added = {t.content for t in backend.get_added_tokens_decoder().values()}
+    for token_id, token in sorted(declared.items()):
+        content = token["content"]
+        if content in already_added:
+            continue
+        if backend.token_to_id(content) not in (None, token_id) or (
+            backend.token_to_id(content) is None and backend.get_vocab_size(with_added_tokens=True) != token_id
+        ):
+            raise ValueError(f"{folder}: added token {content!r} is declared with id {token_id}, which the vocabulary contradicts")
+        options = {k: token[k] for k in ("single_word", "lstrip", "rstrip", "normalized", "special") if k in token}
+        backend.add_tokens([AddedToken(content, **{"normalized": False, "special": True, **options})])
+
+    special_tokens = {}
+    for source in (config, _read_json(folder / "special_tokens_map.json")):
+        for name in SPECIAL_TOKEN_NAMES:
+            if _content(source.get(name)) is not None:
+                special_tokens[name] = _content(source[name])
+    missing = [t for t in special_tokens.values() if backend.token_to_id(t) is None]
+    if missing:
+        backend.add_special_tokens(missing)
+    return Tokenizer(backend, config, special_tokens, resolve_chat_template(folder, config))
