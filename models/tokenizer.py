@@ -14,7 +14,6 @@ from pathlib import Path
 
 from tokenizers import AddedToken
 from tokenizers import Tokenizer as Backend
-from tokenizers.decoders import DecodeStream
 
 from .chat_template import render_chat_template, resolve_chat_template
 from .hub import resolve_checkpoint
@@ -54,15 +53,27 @@ def _read_json(path: Path) -> dict:
 
 
 class StreamDecoder:
-    """Incremental detokenizer: `push(id)` returns the text the new token completes, holding back
-    incomplete UTF-8 sequences (byte-fallback runs), so streamed pieces always join to `decode`."""
+    """Incremental detokenizer: `push(id)` returns the text the new token completes.
 
-    def __init__(self, backend: Backend, skip_special_tokens: bool) -> None:
-        self._backend = backend
-        self._stream = DecodeStream(skip_special_tokens=skip_special_tokens)
+    Text is decoded over a short window of recent ids so that what context-dependent decoders
+    produce (spaces, byte-fallback runs) matches a full decode. A window ending in an incomplete
+    UTF-8 sequence is held back, at most 4 byte tokens long (the longest UTF-8 character), so
+    invalid bytes from a misbehaving model cannot stall the stream."""
+
+    def __init__(self, tokenizer: Tokenizer, skip_special_tokens: bool) -> None:
+        self._decode = lambda ids: tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
+        self._ids: list[int] = []
+        self._prefix = 0  # start of the decoding window
+        self._read = 0  # ids before this are already emitted
 
     def push(self, token_id: int) -> str:
-        return self._stream.step(self._backend, token_id) or ""
+        self._ids.append(token_id)
+        emitted = self._decode(self._ids[self._prefix : self._read])
+        text = self._decode(self._ids[self._prefix :])
+        if text.endswith("\ufffd") and len(self._ids) - self._read < 4:
+            return ""
+        self._prefix, self._read = self._read, len(self._ids)
+        return text[len(emitted) :]
 
 
 class Tokenizer:
@@ -114,7 +125,7 @@ class Tokenizer:
         return self.backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
     def stream_decoder(self, skip_special_tokens: bool = False) -> StreamDecoder:
-        return StreamDecoder(self.backend, skip_special_tokens)
+        return StreamDecoder(self, skip_special_tokens)
 
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True, **kwargs) -> str:
         """Render `messages` with the checkpoint's template; ValueError on template errors."""

@@ -141,3 +141,22 @@ def test_missing_tokenizer_files_and_offline_hub(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
     with pytest.raises(Exception, match="(?i)offline|cache|connect"):
         load_tokenizer("baidu/ERNIE-4.5-0.3B-PT")
+
+
+def test_streaming_survives_invalid_byte_sequences(factory_folder):
+    """A random-weight model emits arbitrary byte-fallback tokens; streaming must not fail or
+    stall on bytes that never form a character (their replacement characters may group
+    differently from a full decode; valid text is covered by the test above)."""
+    import random
+
+    tokenizer = load_tokenizer(factory_folder)
+    rng = random.Random(0)
+    byte_ids = list(range(13, 269))
+    first_special = tokenizer.token_to_id(SPECIAL_TOKENS["cls_token"])
+    for _ in range(20):
+        ids = [rng.choice(byte_ids) if rng.random() < 0.6 else rng.randrange(269, first_special) for _ in range(40)]
+        stream = tokenizer.stream_decoder(skip_special_tokens=True)
+        pieces = [stream.push(i) for i in ids]
+        assert all(isinstance(p, str) for p in pieces)
+        longest_silence = max(len(run) for run in "".join("x" if p else "." for p in pieces).split("x"))
+        assert longest_silence < 4

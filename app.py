@@ -1,0 +1,78 @@
+"""ERNIE 4.5 Studio: `python app.py` starts the web app (see README for flags and env vars)."""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+
+from ernie_app.demo import demo_models, hub_reachable, weights_cached
+from ernie_app.manager import ModelManager
+from ernie_app.registry import build_registry, parse_model_entries
+from ernie_app.ui import build_app
+
+log = logging.getLogger("ernie_studio")
+
+
+def env(name: str, default=None):
+    return os.environ.get(f"ERNIE_STUDIO_{name}", default)
+
+
+def env_flag(name: str) -> bool:
+    return str(env(name, "")).lower() in ("1", "true", "yes", "on")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--host", default=env("HOST", os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1")),
+                   help="address to listen on (ERNIE_STUDIO_HOST; default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=int(env("PORT", os.environ.get("GRADIO_SERVER_PORT", 7860))),
+                   help="port (ERNIE_STUDIO_PORT; default 7860)")
+    p.add_argument("--share", action="store_true", default=env_flag("SHARE"), help="create a public gradio.live link (ERNIE_STUDIO_SHARE)")
+    p.add_argument("--models", default=env("MODELS", ""),
+                   help="extra or overriding models, comma-separated NAME=SOURCE or SOURCE, SOURCE a hub id or local folder (ERNIE_STUDIO_MODELS)")
+    p.add_argument("--default-model", default=env("DEFAULT_MODEL"), help="model selected at start (ERNIE_STUDIO_DEFAULT_MODEL)")
+    p.add_argument("--demo", action="store_true", default=env_flag("DEMO"),
+                   help="serve tiny random-weight checkpoints; no download (ERNIE_STUDIO_DEMO)")
+    p.add_argument("--max-context", type=int, default=int(env("MAX_CONTEXT", 32768)),
+                   help="longest conversation in tokens, prompt plus reply (ERNIE_STUDIO_MAX_CONTEXT; default 32768)")
+    p.add_argument("--concurrency", type=int, default=int(env("CONCURRENCY", 4)),
+                   help="simultaneous generations per model (ERNIE_STUDIO_CONCURRENCY; default 4)")
+    p.add_argument("--queue-size", type=int, default=int(env("QUEUE_SIZE", 64)),
+                   help="requests waiting in the queue before new ones are turned away (ERNIE_STUDIO_QUEUE_SIZE; default 64)")
+    p.add_argument("--cpu-limit-gb", type=float, default=env("CPU_LIMIT_GB"),
+                   help="largest total model size kept on the CPU (ERNIE_STUDIO_CPU_LIMIT_GB; default half the RAM)")
+    p.add_argument("--preload", action="store_true", default=env_flag("PRELOAD"), help="load the default model at start (ERNIE_STUDIO_PRELOAD)")
+    return p.parse_args(argv)
+
+
+def choose_models(args: argparse.Namespace) -> tuple[dict, str]:
+    """The registry to serve and a notice for the page. Demo mode when asked, or when the hub is
+    out of reach and no configured model has local weights."""
+    extra = parse_model_entries(args.models)
+    if args.demo:
+        return build_registry(demo_models() + extra, include_defaults=False), "Demo mode: tiny models with random weights; replies are gibberish by design."
+    registry = build_registry(extra)
+    if any(weights_cached(spec) for spec in registry.values()) or hub_reachable():
+        return registry, ""
+    log.warning("Hugging Face hub unreachable and no local weights: starting in demo mode")
+    notice = ("The Hugging Face hub cannot be reached and no local weights are configured, so the app runs in demo "
+              "mode: tiny models with random weights. Point --models at local checkpoints for real answers.")
+    return build_registry(demo_models() + extra, include_defaults=False), notice
+
+
+def main(argv: list[str] | None = None) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    args = parse_args(argv)
+    registry, notice = choose_models(args)
+    default_model = args.default_model if args.default_model in registry else next(iter(registry))
+    cpu_limit = None if args.cpu_limit_gb is None else int(float(args.cpu_limit_gb) * 2**30)
+    manager = ModelManager(registry, cpu_limit_bytes=cpu_limit, max_concurrency=args.concurrency)
+    if args.preload:
+        manager.get(default_model)
+    app = build_app(manager, default_model, notice, args.max_context, concurrency_limit=args.concurrency * len(registry))
+    app.queue(max_size=args.queue_size)
+    app.launch(server_name=args.host, server_port=args.port, share=args.share)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""ERNIE 4.5 Studio: the Gradio app around the models in `models/`."""

@@ -1,0 +1,61 @@
+"""Demo mode: tiny random-weight checkpoints in the official layout, so the whole app runs
+end-to-end anywhere in seconds (no download, no GPU). Replies are gibberish by design."""
+from __future__ import annotations
+
+import json
+import os
+import urllib.request
+from pathlib import Path
+
+from models.factory import tiny_config, write_checkpoint
+
+from .registry import DEFAULT_MODELS, ModelSpec
+
+DEMO_SUFFIX = " (demo, random weights)"
+THINKING_TEMPLATE = (
+    "{{ cls_token }}{% for m in messages %}{% if m.role == 'system' %}{{ m.content }}\n"
+    "{% elif m.role == 'user' %}User: {{ m.content }}\n{% else %}Assistant: {{ m.content }}{{ sep_token }}{% endif %}"
+    "{% endfor %}{% if add_generation_prompt %}Assistant: <think>\n{% endif %}"
+)
+
+
+def demo_dir() -> Path:
+    root = os.environ.get("ERNIE_STUDIO_CACHE") or Path.home() / ".cache" / "ernie-studio"
+    return Path(root) / "demo"
+
+
+def demo_models() -> list[ModelSpec]:
+    """Write (once) a tiny dense, MoE and thinking-template checkpoint; return their specs."""
+    specs = []
+    for builtin, kind in zip(DEFAULT_MODELS, ("dense", "moe", "moe")):
+        folder = demo_dir() / builtin.name
+        if not (folder / "config.json").is_file():
+            write_checkpoint(folder, tiny_config(kind), seed=len(specs))
+            if builtin.thinking:
+                config_path = folder / "tokenizer_config.json"
+                config = json.loads(config_path.read_text())
+                config["chat_template"] = THINKING_TEMPLATE
+                config_path.write_text(json.dumps(config, indent=2, ensure_ascii=False))
+        specs.append(ModelSpec(builtin.name + DEMO_SUFFIX, str(folder), params_b=0.001, thinking=builtin.thinking, random_weights=True))
+    return specs
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the Hugging Face hub answers (False at once when HF_HUB_OFFLINE is set)."""
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+        return False
+    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
+    try:
+        urllib.request.urlopen(endpoint, timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def weights_cached(spec: ModelSpec) -> bool:
+    """A local folder, or a hub repo whose config is already in the local cache."""
+    if Path(spec.source).is_dir():
+        return True
+    from huggingface_hub import try_to_load_from_cache
+
+    return isinstance(try_to_load_from_cache(spec.source, "config.json", revision=spec.revision), str)

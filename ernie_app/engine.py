@@ -1,0 +1,149 @@
+"""Streaming generation for the chat: a conversation in, the reply as it grows out.
+
+One decode step per iteration: a consumer that stops iterating (Stop button, a client that went
+away) stops the model work within one step. Concurrent conversations on one model each have their
+own KV cache; their steps interleave under the model's step lock.
+"""
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+from models import generate
+
+from .manager import LoadedModel
+
+END_OF_SENTENCE = "<|end_of_sentence|>"
+DEFAULT_MAX_CONTEXT = 32768
+
+
+class UserError(ValueError):
+    """Bad input; the message is shown to the user as is."""
+
+
+@dataclass
+class Sampling:
+    """Sampling settings; `None` fields take the checkpoint's generation_config.json values."""
+
+    max_new_tokens: int = 1024
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    repetition_penalty: float | None = None
+    seed: int | None = None
+    stop_strings: tuple[str, ...] = ()
+
+    def resolved(self, generation_config: dict) -> dict:
+        """Keyword arguments for `models.generate`, filled from the checkpoint's defaults (and
+        transformers' top_k=50 when the checkpoint leaves it unset)."""
+        g = generation_config
+        temperature = self.temperature if self.temperature is not None else g.get("temperature", 1.0)
+        do_sample = g.get("do_sample", True) if self.temperature is None else temperature > 0
+        return dict(
+            do_sample=do_sample and temperature > 0,
+            temperature=temperature,
+            top_p=self.top_p if self.top_p is not None else g.get("top_p", 1.0),
+            top_k=self.top_k if self.top_k is not None else g.get("top_k", 50),
+            repetition_penalty=self.repetition_penalty if self.repetition_penalty is not None else g.get("repetition_penalty", 1.0),
+            seed=self.seed,
+        )
+
+
+@dataclass
+class Reply:
+    """The reply so far. `stop_reason` is set on the last update."""
+
+    text: str = ""
+    new_tokens: int = 0
+    prompt_tokens: int = 0
+    started: float = field(default_factory=time.perf_counter)
+    first_token_at: float | None = None
+    last_token_at: float | None = None
+    stop_reason: str | None = None
+
+    @property
+    def time_to_first_token(self) -> float | None:
+        return None if self.first_token_at is None else self.first_token_at - self.started
+
+    @property
+    def tokens_per_second(self) -> float | None:
+        if self.new_tokens < 2 or self.last_token_at is None:
+            return None
+        return (self.new_tokens - 1) / max(self.last_token_at - self.first_token_at, 1e-9)
+
+
+STOP_REASONS = {
+    "eos": "end of answer",
+    "stop_string": "stop sequence",
+    "max_new_tokens": "max new tokens reached",
+    "context": "context limit reached",
+    "cancelled": "stopped",
+}
+
+
+def stop_token_ids(loaded: LoadedModel) -> set[int]:
+    """eos ids of generation_config and config, and `<|end_of_sentence|>` (the template's end of
+    an assistant turn)."""
+    eos = loaded.generation_config.get("eos_token_id", [])
+    ids = set(eos if isinstance(eos, list) else [eos]) | set(loaded.model.config.eos_token_ids)
+    end_of_sentence = loaded.tokenizer.token_to_id(END_OF_SENTENCE)
+    if end_of_sentence is not None:
+        ids.add(end_of_sentence)
+    return ids
+
+
+def stream_reply(
+    loaded: LoadedModel,
+    messages: list[dict],
+    sampling: Sampling,
+    cancel: threading.Event | None = None,
+    max_context: int = DEFAULT_MAX_CONTEXT,
+) -> Iterator[Reply]:
+    """Yield the growing reply to `messages` ([{"role", "content"}], last one from the user)."""
+    try:
+        prompt = loaded.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+    except ValueError as error:
+        raise UserError(str(error)) from None
+    ids = loaded.tokenizer.encode(prompt)
+    context = min(max_context, loaded.model.config.max_position_embeddings)
+    if len(ids) >= context:
+        raise UserError(
+            f"The conversation is {len(ids):,} tokens long, over the {context:,}-token context of "
+            f"{loaded.spec.name}. Shorten the message or clear the chat."
+        )
+    if sampling.max_new_tokens < 1:
+        raise UserError("Max new tokens must be at least 1.")
+    budget = min(sampling.max_new_tokens, context - len(ids))
+    stops = stop_token_ids(loaded)
+    reply = Reply(prompt_tokens=len(ids))
+    decoder = loaded.tokenizer.stream_decoder(skip_special_tokens=True)
+    tokens = generate(loaded.model, ids, budget, eos_token_ids=sorted(stops), **sampling.resolved(loaded.generation_config))
+    try:
+        while True:
+            if cancel is not None and cancel.is_set():
+                reply.stop_reason = "cancelled"
+                break
+            with loaded.step_lock:
+                token = next(tokens, None)
+            if token is None:
+                reply.stop_reason = "max_new_tokens" if budget == sampling.max_new_tokens else "context"
+                break
+            now = time.perf_counter()
+            reply.first_token_at = reply.first_token_at or now
+            reply.last_token_at = now
+            reply.new_tokens += 1
+            if token in stops:
+                reply.stop_reason = "eos"
+                break
+            reply.text += decoder.push(token)
+            cut = min((i for i in (reply.text.find(s) for s in sampling.stop_strings if s) if i >= 0), default=-1)
+            if cut >= 0:
+                reply.text = reply.text[:cut]
+                reply.stop_reason = "stop_string"
+                break
+            yield reply
+    finally:
+        tokens.close()  # frees the KV cache now, also when the consumer walked away
+    yield reply

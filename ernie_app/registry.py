@@ -1,0 +1,54 @@
+"""The models the app offers: hub repos by default, extendable from the CLI or the environment."""
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """One selectable model. `source` is a hub repo id or a local folder; `params_b` (billions of
+    parameters) sizes the placement decision before anything is downloaded."""
+
+    name: str
+    source: str
+    family: str = "ernie4_5"
+    params_b: float = 0.36
+    thinking: bool = False
+    random_weights: bool = False
+    revision: str | None = None
+
+    def weight_bytes(self, bytes_per_param: int = 2) -> int:
+        return int(self.params_b * 1e9 * bytes_per_param)
+
+
+DEFAULT_MODELS = [
+    ModelSpec("ERNIE-4.5-0.3B-PT", "baidu/ERNIE-4.5-0.3B-PT", params_b=0.36),
+    ModelSpec("ERNIE-4.5-21B-A3B-PT", "baidu/ERNIE-4.5-21B-A3B-PT", params_b=21.8),
+    ModelSpec("ERNIE-4.5-21B-A3B-Thinking", "baidu/ERNIE-4.5-21B-A3B-Thinking", params_b=21.8, thinking=True),
+]
+
+
+def parse_model_entries(text: str) -> list[ModelSpec]:
+    """Parse `--models` / ERNIE_STUDIO_MODELS: comma-separated `NAME=SOURCE` or bare `SOURCE`
+    entries, where SOURCE is a hub id or a local folder. A NAME of a built-in model points it at
+    SOURCE (e.g. a local copy); other names add models. Sizes of new entries are guessed from the
+    name ("21B" → MoE size) and refined from config.json at load time."""
+    specs = []
+    for entry in filter(None, (e.strip() for e in text.split(","))):
+        name, _, source = entry.rpartition("=")
+        source = source.strip()
+        name = name.strip() or source.rstrip("/").split("/")[-1]
+        builtin = next((m for m in DEFAULT_MODELS if m.name == name), None)
+        if builtin is not None:
+            specs.append(replace(builtin, source=source))
+        else:
+            big = "21B" in name or "21B" in source
+            specs.append(ModelSpec(name, source, params_b=21.8 if big else 0.36, thinking="Thinking" in name))
+    return specs
+
+
+def build_registry(extra: list[ModelSpec] = (), include_defaults: bool = True) -> dict[str, ModelSpec]:
+    """Name → spec, built-ins first; entries in `extra` add to or replace them."""
+    registry = {m.name: m for m in DEFAULT_MODELS} if include_defaults else {}
+    registry.update({m.name: m for m in extra})
+    return registry

@@ -1,0 +1,26 @@
+"""Assemble the app: a header, then one tab per task (each tab lives in its own module)."""
+from __future__ import annotations
+
+import gradio as gr
+
+from .chat_tab import build_chat_tab
+from .manager import ModelManager
+
+TITLE = "ERNIE 4.5 Studio"
+INTRO = "Run and try Baidu's ERNIE models in your browser, on our own PyTorch implementations."
+
+
+def build_app(
+    manager: ModelManager,
+    default_model: str,
+    notice: str = "",
+    max_context: int = 32768,
+    concurrency_limit: int = 8,
+) -> gr.Blocks:
+    with gr.Blocks(title=TITLE, fill_height=True) as app:
+        gr.Markdown(f"# {TITLE}\n{INTRO}")
+        if notice:
+            gr.Markdown(f"> ⚠️ {notice}")
+        with gr.Tab("Chat"):
+            build_chat_tab(manager, default_model, max_context, concurrency_limit)
+    return app
