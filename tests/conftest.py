@@ -1,0 +1,25 @@
+"""Shared test setup: no network, a private cache, and the demo checkpoints built once."""
+from __future__ import annotations
+
+import os
+import tempfile
+
+import pytest
+
+os.environ["HF_HUB_OFFLINE"] = "1"  # tests never touch the network
+os.environ.setdefault("ERNIE_STUDIO_CACHE", tempfile.mkdtemp(prefix="ernie-studio-test-"))
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+
+
+@pytest.fixture(scope="session")
+def demo_registry():
+    from ernie_app.demo import demo_models
+    from ernie_app.registry import build_registry
+
+    return build_registry(demo_models(), include_defaults=False)
+
+
+@pytest.fixture(scope="session")
+def demo_names(demo_registry):
+    """dense, MoE and thinking demo model names, in that order."""
+    return list(demo_registry)

@@ -1,0 +1,124 @@
+"""End to end: the real Gradio server on 127.0.0.1 in demo mode, driven through gradio_client."""
+from __future__ import annotations
+
+import socket
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+from gradio_client import Client
+from gradio_client.exceptions import AppError
+
+from ernie_app.manager import ModelManager
+from ernie_app.ui import build_app
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(demo_registry, demo_names):
+    manager = ModelManager(demo_registry, max_concurrency=4)
+    app = build_app(manager, demo_names[0], notice="Demo mode", concurrency_limit=8)
+    app.queue(max_size=32)
+    app.launch(server_name="127.0.0.1", server_port=free_port(), prevent_thread_lock=True, quiet=True)
+    yield app, manager
+    app.close()
+
+
+@pytest.fixture()
+def client(server):
+    """A fresh client: the /chat endpoint keeps each client session's conversation."""
+    app, _ = server
+    return Client(app.local_url, verbose=False)
+
+
+def answer(messages: list[dict]) -> str:
+    return next(m["content"] for m in messages if not (m.get("metadata") or {}).get("title"))
+
+
+def stats(messages: list[dict]) -> str:
+    return next(m["metadata"]["title"] for m in messages if (m.get("metadata") or {}).get("title", "").startswith("⚡"))
+
+
+def test_conversation_continues_within_a_client_session(client, demo_names):
+    first = client.predict("Remember me", demo_names[0], "", 10, 0.0, api_name="/chat")
+    again = client.predict("Remember me", demo_names[0], "", 10, 0.0, api_name="/chat")
+    fresh = Client(client.src, verbose=False).predict("Remember me", demo_names[0], "", 10, 0.0, api_name="/chat")
+    assert answer(fresh) == answer(first)
+    assert answer(again) != answer(first)  # the second turn saw the first in its prompt
+
+
+def test_streamed_reply(client, demo_names):
+    job = client.submit("Hello, who are you?", demo_names[0], "", 40, 0.0, api_name="/chat")
+    updates = list(job)
+    assert len(updates) > 3  # streamed, not one final answer
+    texts = [answer(u) for u in updates if any(not (m.get("metadata") or {}).get("title") for m in u)]
+    assert all(later.startswith(earlier.rstrip("…")) for earlier, later in zip(texts, texts[1:]))
+    final = updates[-1]
+    assert "tok/s" in stats(final) and "tokens" in stats(final)
+
+
+def test_thinking_model_shows_collapsed_reasoning(client, demo_names):
+    final = client.predict("Think about it", demo_names[2], "", 20, 0.0, api_name="/chat")
+    reasoning = [m for m in final if (m.get("metadata") or {}).get("title") == "💭 Reasoning"]
+    assert len(reasoning) == 1 and reasoning[0]["metadata"]["status"] == "done"
+
+
+def test_three_concurrent_chats(server, demo_names):
+    app, _ = server
+    questions = ["first question", "第二个问题", "third 🎉"]
+
+    def chat(question):
+        return Client(app.local_url, verbose=False).predict(question, demo_names[1], "", 30, 0.0, api_name="/chat")
+
+    with ThreadPoolExecutor(3) as pool:
+        finals = list(pool.map(chat, questions))
+    alone = chat(questions[1])
+    assert all(stats(f) for f in finals)
+    assert answer(finals[1]) == answer(alone)  # concurrency does not mix conversations
+
+
+def test_stop_ends_generation(client, server, demo_names, monkeypatch):
+    _, manager = server
+    loaded = manager.get(demo_names[0])
+    steps = []
+    original = loaded.model.forward
+
+    def counting_forward(*args, **kwargs):
+        steps.append(time.perf_counter())
+        time.sleep(0.02)  # slow enough that a 4096-token reply is still running when stopped
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(loaded.model, "forward", counting_forward)
+    job = client.submit("Write forever", demo_names[0], "", 4096, 0.0, api_name="/chat")
+    deadline = time.monotonic() + 30
+    while len(steps) < 5 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    job.cancel()
+    time.sleep(1.0)
+    count = len(steps)
+    time.sleep(1.0)
+    assert len(steps) == count < 4096  # no more decode steps once stopped
+    assert stats(client.predict("still alive?", demo_names[0], "", 8, 0.0, api_name="/chat"))
+
+
+@pytest.mark.parametrize(
+    ("message", "expected"),
+    [("", "Please type a message"), ("   \n ", "Please type a message"), ("a" * 100_000, "context")],
+)
+def test_bad_messages_get_clear_errors(client, demo_names, message, expected):
+    with pytest.raises(AppError, match=expected):
+        client.predict(message, demo_names[0], api_name="/chat")
+    assert stats(client.predict("hello again", demo_names[0], "", 8, 0.0, api_name="/chat"))
+
+
+def test_bad_settings_and_unknown_model(client, demo_names):
+    with pytest.raises(AppError, match="no-such-model"):
+        client.predict("hi", "no-such-model", api_name="/chat")
+    with pytest.raises(AppError, match="less than minimum"):
+        client.predict("hi", demo_names[0], "", 0, api_name="/chat")
+    assert stats(client.predict("fine again", demo_names[0], "", 8, 0.0, api_name="/chat"))

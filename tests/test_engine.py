@@ -1,0 +1,136 @@
+"""The streaming engine on the demo checkpoints: sampling controls, stop conditions, streaming
+text integrity and cancellation."""
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+from ernie_app import engine
+from ernie_app.engine import Sampling, UserError, stop_token_ids, stream_reply
+from ernie_app.manager import ModelManager
+from models import generate
+
+PROMPT = [{"role": "user", "content": "Tell me a story about the sea."}]
+
+
+@pytest.fixture(scope="module")
+def loaded(demo_registry, demo_names):
+    return ModelManager(demo_registry).get(demo_names[0])
+
+
+def final(loaded, sampling, messages=PROMPT, **kwargs):
+    *_, last = stream_reply(loaded, messages, sampling, **kwargs)
+    return last
+
+
+def greedy(**overrides):
+    return Sampling(max_new_tokens=24, temperature=0.0, **overrides)
+
+
+def test_temperature_and_seed(loaded):
+    assert final(loaded, greedy()).text == final(loaded, greedy()).text  # greedy is deterministic
+    hot = [final(loaded, Sampling(max_new_tokens=24, temperature=1.5, top_k=0, top_p=1.0, seed=s)).text for s in (1, 1, 2)]
+    assert hot[0] == hot[1]  # same seed, same sample
+    assert hot[0] != hot[2]  # another seed, another sample
+    assert hot[0] != final(loaded, greedy()).text
+
+
+def test_top_k_and_top_p_narrow_sampling_to_greedy(loaded):
+    expected = final(loaded, greedy()).text
+    for seed in (3, 4):
+        assert final(loaded, Sampling(max_new_tokens=24, temperature=1.5, top_k=1, top_p=1.0, seed=seed)).text == expected
+        assert final(loaded, Sampling(max_new_tokens=24, temperature=1.5, top_k=0, top_p=1e-6, seed=seed)).text == expected
+    wide = {final(loaded, Sampling(max_new_tokens=24, temperature=1.5, top_k=0, top_p=1.0, seed=s)).text for s in (3, 4)}
+    assert len(wide) == 2
+
+
+def test_repetition_penalty_changes_greedy_output(loaded):
+    plain = final(loaded, greedy(repetition_penalty=1.0))
+    penalised = final(loaded, greedy(repetition_penalty=1.8))
+    assert plain.text != penalised.text
+
+
+def test_max_new_tokens(loaded):
+    reply = final(loaded, Sampling(max_new_tokens=5, temperature=0.0))
+    assert (reply.new_tokens, reply.stop_reason) == (5, "max_new_tokens")
+    assert reply.tokens_per_second is not None and reply.time_to_first_token is not None
+
+
+def test_stops_at_eos_ids_without_showing_them(loaded, monkeypatch):
+    ids = loaded.tokenizer.encode(loaded.tokenizer.apply_chat_template(PROMPT))
+    tokens = list(generate(loaded.model, ids, 24, eos_token_ids=[]))
+    stop_at = tokens[6]  # declare a token the model will emit an eos id
+    monkeypatch.setitem(loaded.generation_config, "eos_token_id", [stop_at])
+    reply = final(loaded, greedy())
+    assert reply.stop_reason == "eos"
+    assert reply.new_tokens == tokens.index(stop_at) + 1
+    assert reply.text == loaded.tokenizer.decode(tokens[: tokens.index(stop_at)], skip_special_tokens=True)
+
+
+def test_end_of_sentence_and_eos_are_stop_tokens(loaded):
+    stops = stop_token_ids(loaded)
+    assert loaded.tokenizer.token_to_id("<|end_of_sentence|>") in stops
+    assert loaded.tokenizer.eos_token_id in stops
+
+
+def test_stop_strings_cut_the_reply(loaded):
+    text = final(loaded, greedy()).text
+    stop = text[5:8]
+    reply = final(loaded, greedy(stop_strings=(stop,)))
+    assert reply.stop_reason == "stop_string"
+    assert reply.text == text[: text.find(stop)]
+
+
+def test_context_limit(loaded):
+    prompt_tokens = len(loaded.tokenizer.encode(loaded.tokenizer.apply_chat_template(PROMPT)))
+    reply = final(loaded, greedy(), max_context=prompt_tokens + 3)
+    assert (reply.new_tokens, reply.stop_reason) == (3, "context")
+    with pytest.raises(UserError, match="context"):
+        final(loaded, greedy(), max_context=prompt_tokens)
+
+
+def test_chinese_and_emoji_stream_without_broken_characters(loaded, monkeypatch):
+    text = "你好，世界！😀🎉👍🏽 文心一言 ❤️ done"
+    ids = loaded.tokenizer.encode(text)
+    assert any(13 <= i < 269 for i in ids)  # byte-fallback pieces are part of the stream
+
+    def scripted(model, prompt, max_new_tokens, **kwargs):
+        yield from ids
+
+    monkeypatch.setattr(engine, "generate", scripted)
+    replies = [r.text for r in stream_reply(loaded, PROMPT, greedy())]
+    assert replies[-1] == text
+    assert not any("\ufffd" in r for r in replies)
+    assert all(later.startswith(earlier) for earlier, later in zip(replies, replies[1:]))
+
+
+def test_cancellation_stops_the_model(loaded, monkeypatch):
+    steps = []
+    original = loaded.model.forward
+
+    def counting_forward(*args, **kwargs):
+        steps.append(1)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(loaded.model, "forward", counting_forward)
+    cancel = threading.Event()
+    replies = stream_reply(loaded, PROMPT, Sampling(max_new_tokens=500, temperature=0.0), cancel=cancel)
+    for i, reply in enumerate(replies):
+        if i == 3:
+            cancel.set()
+    assert reply.stop_reason == "cancelled"
+    assert len(steps) <= 5
+
+    steps.clear()
+    replies = stream_reply(loaded, PROMPT, Sampling(max_new_tokens=500, temperature=0.0))
+    next(replies), next(replies)
+    replies.close()  # the consumer went away (Stop button, closed tab)
+    assert len(steps) == 2
+
+
+def test_bad_template_input_is_a_user_error(loaded):
+    with pytest.raises(UserError):
+        final(loaded, greedy(), messages=[{"role": "user"}])
+    with pytest.raises(UserError, match="at least 1"):
+        final(loaded, Sampling(max_new_tokens=0))
