@@ -133,9 +133,10 @@ def chat_fn(manager: ModelManager, max_context: int):
 
 def build_chat_tab(manager: ModelManager, default_model: str, max_context: int, concurrency_limit: int) -> gr.ChatInterface:
     """Render the Chat tab inside the current Blocks context."""
-    choices = list(manager.registry)
+    # Rendered here, above the chat, so the model switcher stays visible (not in the accordion).
+    model = gr.Dropdown(list(manager.registry), value=default_model, label="Model")
     additional_inputs = [
-        gr.Dropdown(choices, value=default_model, label="Model", render=False),
+        model,
         gr.Textbox("", label="System prompt", lines=2, placeholder="You are a helpful assistant.", render=False),
         gr.Slider(1, 4096, value=512, step=1, label="Max new tokens", render=False),
         gr.Slider(0.0, 2.0, value=0.8, step=0.05, label="Temperature (0 = greedy)", render=False),
@@ -152,7 +153,7 @@ def build_chat_tab(manager: ModelManager, default_model: str, max_context: int, 
             placeholder="Ask ERNIE anything. The model loads on first use.",
         ),
         additional_inputs=additional_inputs,
-        additional_inputs_accordion="Model and sampling settings",
+        additional_inputs_accordion=gr.Accordion("Sampling settings", open=False, render=False),
         examples=[[example] for example in EXAMPLES],
         cache_examples=False,
         editable=True,
