@@ -9,7 +9,7 @@ from gradio import ChatMessage
 
 from models import CheckpointError
 
-from .engine import STOP_REASONS, Reply, Sampling, UserError, stream_reply
+from .engine import STOP_REASONS, Reply, Sampling, UserError, sampling_defaults, stream_reply
 from .manager import ModelManager, ModelUnavailable
 from .reasoning import split_reasoning
 
@@ -135,14 +135,20 @@ def build_chat_tab(manager: ModelManager, default_model: str, max_context: int, 
     """Render the Chat tab inside the current Blocks context."""
     # Rendered here, above the chat, so the model switcher stays visible (not in the accordion).
     model = gr.Dropdown(list(manager.registry), value=default_model, label="Model")
+    defaults = sampling_defaults(manager.generation_defaults(default_model))
+    sampling = [
+        gr.Slider(0.0, 2.0, value=defaults["temperature"], step=0.05, label="Temperature (0 = greedy)", render=False),
+        gr.Slider(0.05, 1.0, value=defaults["top_p"], step=0.05, label="Top-p", render=False),
+        gr.Slider(0, 200, value=defaults["top_k"], step=1, label="Top-k (0 = off)", render=False),
+        gr.Slider(1.0, 2.0, value=defaults["repetition_penalty"], step=0.05, label="Repetition penalty", render=False),
+    ]
+    model.change(lambda name: list(sampling_defaults(manager.generation_defaults(name)).values()), model, sampling,
+                 api_visibility="private")
     additional_inputs = [
         model,
         gr.Textbox("", label="System prompt", lines=2, placeholder="You are a helpful assistant.", render=False),
         gr.Slider(1, 4096, value=512, step=1, label="Max new tokens", render=False),
-        gr.Slider(0.0, 2.0, value=0.8, step=0.05, label="Temperature (0 = greedy)", render=False),
-        gr.Slider(0.05, 1.0, value=0.8, step=0.05, label="Top-p", render=False),
-        gr.Slider(0, 200, value=50, step=1, label="Top-k (0 = off)", render=False),
-        gr.Slider(1.0, 2.0, value=1.0, step=0.05, label="Repetition penalty", render=False),
+        *sampling,
         gr.Number(-1, label="Seed (-1 = random)", precision=0, render=False),
         gr.Textbox("", label="Stop sequences (one per line)", lines=2, render=False),
     ]

@@ -36,19 +36,29 @@ class Sampling:
     stop_strings: tuple[str, ...] = ()
 
     def resolved(self, generation_config: dict) -> dict:
-        """Keyword arguments for `models.generate`, filled from the checkpoint's defaults (and
-        transformers' top_k=50 when the checkpoint leaves it unset)."""
-        g = generation_config
-        temperature = self.temperature if self.temperature is not None else g.get("temperature", 1.0)
-        do_sample = g.get("do_sample", True) if self.temperature is None else temperature > 0
+        """Keyword arguments for `models.generate`, unset fields filled from the checkpoint."""
+        defaults = sampling_defaults(generation_config)
+        temperature = defaults["temperature"] if self.temperature is None else self.temperature
         return dict(
-            do_sample=do_sample and temperature > 0,
+            do_sample=temperature > 0,
             temperature=temperature,
-            top_p=self.top_p if self.top_p is not None else g.get("top_p", 1.0),
-            top_k=self.top_k if self.top_k is not None else g.get("top_k", 50),
-            repetition_penalty=self.repetition_penalty if self.repetition_penalty is not None else g.get("repetition_penalty", 1.0),
+            top_p=defaults["top_p"] if self.top_p is None else self.top_p,
+            top_k=defaults["top_k"] if self.top_k is None else self.top_k,
+            repetition_penalty=defaults["repetition_penalty"] if self.repetition_penalty is None else self.repetition_penalty,
             seed=self.seed,
         )
+
+
+def sampling_defaults(generation_config: dict) -> dict:
+    """A checkpoint's sampling settings (greedy is temperature 0); unset values as transformers
+    fills them, top_k=50 included."""
+    g = generation_config
+    return {
+        "temperature": g.get("temperature", 1.0) if g.get("do_sample", False) else 0.0,
+        "top_p": g.get("top_p", 1.0),
+        "top_k": g.get("top_k", 50),
+        "repetition_penalty": g.get("repetition_penalty", 1.0),
+    }
 
 
 @dataclass

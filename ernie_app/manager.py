@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from models import Ernie45Config, Ernie45ForCausalLM, Tokenizer, load_model, load_tokenizer
+from models.factory import GENERATION_CONFIG
 from models.hub import resolve_checkpoint
 from models.loader import default_dtype, weight_files
 
@@ -151,6 +152,22 @@ class ModelManager:
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
         return True
+
+    def generation_defaults(self, name: str) -> dict:
+        """generation_config.json of a model, without loading or downloading it when possible:
+        from the loaded model, a local folder or the hub cache; else ERNIE 4.5's published one."""
+        with self._lock:
+            loaded = self._loaded.get(name)
+        if loaded is not None:
+            return loaded.generation_config
+        spec = self.registry[name]
+        path = Path(spec.source) / "generation_config.json"
+        if not path.is_file():
+            from huggingface_hub import try_to_load_from_cache
+
+            cached = try_to_load_from_cache(spec.source, "generation_config.json", revision=spec.revision)
+            path = Path(cached) if isinstance(cached, str) else None
+        return json.loads(path.read_text()) if path is not None else dict(GENERATION_CONFIG)
 
     def fetch(self, spec: ModelSpec, progress: Progress) -> Path:
         """Download (or find) the checkpoint; hub progress bars are tqdm, which the UI mirrors."""

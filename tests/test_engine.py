@@ -134,3 +134,14 @@ def test_bad_template_input_is_a_user_error(loaded):
         final(loaded, greedy(), messages=[{"role": "user"}])
     with pytest.raises(UserError, match="at least 1"):
         final(loaded, Sampling(max_new_tokens=0))
+
+
+def test_unset_sampling_takes_the_checkpoint_defaults():
+    from ernie_app.engine import sampling_defaults
+
+    ernie = {"do_sample": True, "top_p": 0.8, "temperature": 0.8, "repetition_penalty": 1.0}
+    resolved = Sampling().resolved(ernie)
+    assert (resolved["do_sample"], resolved["temperature"], resolved["top_p"], resolved["top_k"]) == (True, 0.8, 0.8, 50)
+    assert Sampling(top_p=0.5).resolved(ernie)["top_p"] == 0.5
+    assert Sampling().resolved({"temperature": 0.7})["do_sample"] is False  # do_sample unset: greedy
+    assert sampling_defaults({})["temperature"] == 0.0
