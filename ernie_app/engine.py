@@ -128,7 +128,9 @@ def stream_reply(
     budget = min(sampling.max_new_tokens, context - len(ids))
     stops = stop_token_ids(loaded)
     reply = Reply(prompt_tokens=len(ids))
-    decoder = loaded.tokenizer.stream_decoder(skip_special_tokens=True)
+    # Stop tokens never reach the decoder; other special tokens stay visible, since a thinking
+    # model's <think>/</think> may be special tokens and the reasoning parser needs them.
+    decoder = loaded.tokenizer.stream_decoder(skip_special_tokens=False)
     tokens = generate(loaded.model, ids, budget, eos_token_ids=sorted(stops), **sampling.resolved(loaded.generation_config))
     try:
         while True:

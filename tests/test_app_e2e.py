@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import socket
+import subprocess
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -84,26 +86,58 @@ def test_three_concurrent_chats(server, demo_names):
 
 def test_stop_ends_generation(client, server, demo_names, monkeypatch):
     _, manager = server
-    loaded = manager.get(demo_names[0])
+    steps = slow_step_counter(manager.get(demo_names[0]), monkeypatch)
+    job = client.submit("Write forever", demo_names[0], "", 4096, 0.0, api_name="/chat")
+    wait_for(lambda: len(steps) >= 5)
+    job.cancel()
+    assert_generation_stopped(steps)
+    assert stats(client.predict("still alive?", demo_names[0], "", 8, 0.0, api_name="/chat"))
+
+
+def slow_step_counter(loaded, monkeypatch) -> list[float]:
+    """Record every forward step of `loaded` (and slow it, so a long reply is still running)."""
     steps = []
     original = loaded.model.forward
 
     def counting_forward(*args, **kwargs):
         steps.append(time.perf_counter())
-        time.sleep(0.02)  # slow enough that a 4096-token reply is still running when stopped
+        time.sleep(0.02)
         return original(*args, **kwargs)
 
     monkeypatch.setattr(loaded.model, "forward", counting_forward)
-    job = client.submit("Write forever", demo_names[0], "", 4096, 0.0, api_name="/chat")
-    deadline = time.monotonic() + 30
-    while len(steps) < 5 and time.monotonic() < deadline:
+    return steps
+
+
+def wait_for(condition, seconds=30.0):
+    deadline = time.monotonic() + seconds
+    while not condition() and time.monotonic() < deadline:
         time.sleep(0.05)
-    job.cancel()
-    time.sleep(1.0)
+    assert condition()
+
+
+def assert_generation_stopped(steps: list[float]) -> None:
+    time.sleep(1.5)  # one decode step, and the server's notice of the stop, take far less
     count = len(steps)
     time.sleep(1.0)
-    assert len(steps) == count < 4096  # no more decode steps once stopped
-    assert stats(client.predict("still alive?", demo_names[0], "", 8, 0.0, api_name="/chat"))
+    assert len(steps) == count < 4096
+
+
+def test_client_that_goes_away_stops_generation(server, demo_names, monkeypatch):
+    app, manager = server
+    steps = slow_step_counter(manager.get(demo_names[0]), monkeypatch)
+    script = (
+        "import sys, time\n"
+        "from gradio_client import Client\n"
+        f"job = Client({app.local_url!r}, verbose=False).submit('Write forever', {demo_names[0]!r}, '', 4096, 0.0, api_name='/chat')\n"
+        "time.sleep(60)\n"
+    )
+    browser = subprocess.Popen([sys.executable, "-c", script])
+    try:
+        wait_for(lambda: len(steps) >= 5)
+    finally:
+        browser.kill()  # the tab is closed: its connection drops without a word
+        browser.wait()
+    assert_generation_stopped(steps)
 
 
 @pytest.mark.parametrize(
