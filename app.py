@@ -13,7 +13,7 @@ from ernie_app.ui import build_app
 log = logging.getLogger("ernie_studio")
 
 
-def env(name: str, default=None):
+def env(name: str, default: str | int | None = None) -> str | int | None:
     return os.environ.get(f"ERNIE_STUDIO_{name}", default)
 
 

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import gradio as gr
 from gradio import ChatMessage
@@ -78,7 +78,7 @@ def render(reply: Reply, thinking: bool) -> list[ChatMessage]:
     return messages
 
 
-def chat_fn(manager: ModelManager, max_context: int):
+def chat_fn(manager: ModelManager, max_context: int) -> Callable[..., Iterator[list[ChatMessage]]]:
     """The ChatInterface handler, bound to a manager. Every failure becomes a gr.Error message."""
 
     def chat(
