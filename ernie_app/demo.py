@@ -7,11 +7,14 @@ import os
 import urllib.request
 from pathlib import Path
 
-from models.factory import tiny_config, write_checkpoint
+from models.factory import GENERATION_CONFIG, tiny_config, write_checkpoint
 
 from .registry import DEFAULT_MODELS, ModelSpec
 
-DEMO_SUFFIX = " (demo, random weights)"
+DEMO_VERSION = "v2"  # bump when the demo checkpoints change, so stale caches are not reused
+# The thinking demo samples differently from the others (the demo's own choice), so that the
+# model switcher visibly moves the sampling sliders.
+THINKING_GENERATION_CONFIG = {**GENERATION_CONFIG, "temperature": 0.6, "top_p": 0.95, "top_k": 20, "repetition_penalty": 1.05}
 THINKING_TEMPLATE = (
     "{{ cls_token }}{% for m in messages %}{% if m.role == 'system' %}{{ m.content }}\n"
     "{% elif m.role == 'user' %}User: {{ m.content }}\n{% else %}Assistant: {{ m.content }}{{ sep_token }}{% endif %}"
@@ -21,11 +24,12 @@ THINKING_TEMPLATE = (
 
 def demo_dir() -> Path:
     root = os.environ.get("ERNIE_STUDIO_CACHE") or Path.home() / ".cache" / "ernie-studio"
-    return Path(root) / "demo"
+    return Path(root) / "demo" / DEMO_VERSION
 
 
 def demo_models() -> list[ModelSpec]:
-    """Write (once) a tiny dense, MoE and thinking-template checkpoint; return their specs."""
+    """Write (once) a tiny dense, MoE and thinking-template checkpoint; return their specs, named
+    as the real models are (the page marks them as demo models)."""
     specs = []
     for builtin, kind in zip(DEFAULT_MODELS, ("dense", "moe", "moe")):
         folder = demo_dir() / builtin.name
@@ -36,7 +40,8 @@ def demo_models() -> list[ModelSpec]:
                 config = json.loads(config_path.read_text())
                 config["chat_template"] = THINKING_TEMPLATE
                 config_path.write_text(json.dumps(config, indent=2, ensure_ascii=False))
-        specs.append(ModelSpec(builtin.name + DEMO_SUFFIX, str(folder), params_b=0.001, thinking=builtin.thinking, random_weights=True))
+                (folder / "generation_config.json").write_text(json.dumps(THINKING_GENERATION_CONFIG, indent=2))
+        specs.append(ModelSpec(builtin.name, str(folder), params_b=0.001, thinking=builtin.thinking, random_weights=True))
     return specs
 
 

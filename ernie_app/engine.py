@@ -6,6 +6,7 @@ own KV cache; their steps interleave under the model's step lock.
 """
 from __future__ import annotations
 
+import math
 import threading
 import time
 from collections.abc import Iterator
@@ -17,6 +18,7 @@ from .manager import LoadedModel
 
 END_OF_SENTENCE = "<|end_of_sentence|>"
 DEFAULT_MAX_CONTEXT = 32768
+MAX_SEED = 2**63 - 1  # torch generators take 64-bit seeds
 
 
 class UserError(ValueError):
@@ -34,6 +36,25 @@ class Sampling:
     repetition_penalty: float | None = None
     seed: int | None = None
     stop_strings: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        """Refuse values the sampler cannot use, with a message naming the setting."""
+        def number(value, name: str, low: float, high: float, low_open: bool = False) -> None:
+            if value is None:
+                return
+            if not isinstance(value, (int, float)) or not math.isfinite(value) or value > high or value < low or (low_open and value == low):
+                bound = f"above {low:g}" if low_open else f"at least {low:g}"
+                raise UserError(f"{name} must be a number {bound} and at most {high:g} (got {value!r}).")
+
+        number(self.max_new_tokens, "Max new tokens", 1, 1 << 20)
+        number(self.temperature, "Temperature", 0, 100)
+        number(self.top_p, "Top-p", 0, 1, low_open=True)
+        number(self.top_k, "Top-k", 0, 1 << 31)
+        number(self.repetition_penalty, "Repetition penalty", 0, 100, low_open=True)
+        number(self.seed, "Seed", 0, MAX_SEED)
+        self.max_new_tokens = int(self.max_new_tokens)
+        self.top_k = None if self.top_k is None else int(self.top_k)
+        self.seed = None if self.seed is None else int(self.seed)
 
     def resolved(self, generation_config: dict) -> dict:
         """Keyword arguments for `models.generate`, unset fields filled from the checkpoint."""
@@ -123,8 +144,6 @@ def stream_reply(
             f"The conversation is {len(ids):,} tokens long, over the {context:,}-token context of "
             f"{loaded.spec.name}. Shorten the message or clear the chat."
         )
-    if sampling.max_new_tokens < 1:
-        raise UserError("Max new tokens must be at least 1.")
     budget = min(sampling.max_new_tokens, context - len(ids))
     stops = stop_token_ids(loaded)
     reply = Reply(prompt_tokens=len(ids))

@@ -17,6 +17,11 @@ class ModelSpec:
     random_weights: bool = False
     revision: str | None = None
 
+    @property
+    def label(self) -> str:
+        """The name shown in the page; the API always uses `name`, in every mode."""
+        return f"{self.name} · demo, random weights" if self.random_weights else self.name
+
     def weight_bytes(self, bytes_per_param: int = 2) -> int:
         return int(self.params_b * 1e9 * bytes_per_param)
 

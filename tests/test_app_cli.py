@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import app
-from ernie_app.demo import DEMO_SUFFIX
 from ernie_app.registry import DEFAULT_MODELS
 
 
@@ -18,7 +17,8 @@ def test_flags_have_env_equivalents(monkeypatch):
 def test_demo_mode_is_automatic_without_hub_or_local_weights(monkeypatch, tmp_path):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     registry, notice = app.choose_models(app.parse_args([]))
-    assert all(name.endswith(DEMO_SUFFIX) for name in registry)
+    assert list(registry) == [m.name for m in DEFAULT_MODELS]  # the real names, in every mode
+    assert all(spec.random_weights for spec in registry.values())
     assert "demo mode" in notice and "random weights" in notice
 
 

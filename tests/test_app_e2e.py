@@ -12,6 +12,8 @@ from gradio_client import Client
 from gradio_client.exceptions import AppError
 
 from ernie_app.manager import ModelManager
+from ernie_app.registry import DEFAULT_MODELS
+from ernie_app.turns import SERVER_FAULT
 from ernie_app.ui import build_app
 
 
@@ -116,9 +118,14 @@ def wait_for(condition, seconds=30.0):
 
 
 def assert_generation_stopped(steps: list[float]) -> None:
-    time.sleep(1.5)  # one decode step, and the server's notice of the stop, take far less
-    count = len(steps)
-    time.sleep(1.0)
+    """No decode step for a whole second, soon after the stop (generous for a loaded machine) and
+    long before the 4096-token reply could have finished."""
+    deadline = time.monotonic() + 15
+    while True:
+        count = len(steps)
+        time.sleep(1.0)
+        if len(steps) == count or time.monotonic() > deadline:
+            break
     assert len(steps) == count < 4096
 
 
@@ -155,4 +162,35 @@ def test_bad_settings_and_unknown_model(client, demo_names):
         client.predict("hi", "no-such-model", api_name="/chat")
     with pytest.raises(AppError, match="less than minimum"):
         client.predict("hi", demo_names[0], "", 0, api_name="/chat")
+    assert stats(client.predict("fine again", demo_names[0], "", 8, 0.0, api_name="/chat"))
+
+
+def test_demo_models_keep_the_real_names(client, demo_names):
+    assert demo_names == [m.name for m in DEFAULT_MODELS]  # an API script works in both modes
+    assert stats(client.predict("hi", DEFAULT_MODELS[0].name, "", 4, 0.0, api_name="/chat"))
+
+
+@pytest.mark.parametrize(("seed", "expected"), [(2**70, "Seed must be"), (-7, "Seed must be")])
+def test_out_of_range_seed_is_refused_by_name(client, demo_names, seed, expected):
+    with pytest.raises(AppError, match=expected):
+        client.predict("hi", demo_names[0], "", 8, 1.0, 1.0, 0, 1.0, seed, api_name="/chat")
+    assert stats(client.predict("hi", demo_names[0], "", 4, 1.0, 1.0, 0, 1.0, 2**63 - 1, api_name="/chat"))
+
+
+def test_refusals_log_one_line_and_faults_name_no_exception_class(client, server, demo_names, monkeypatch, capfd, caplog):
+    with caplog.at_level("INFO", logger="ernie_app"), pytest.raises(AppError, match="Please type a message"):
+        client.predict("  ", demo_names[0], api_name="/chat")
+    assert [r.getMessage() for r in caplog.records if "refused" in r.getMessage()] == ["/chat refused: Please type a message."]
+    assert "Traceback" not in capfd.readouterr().err
+
+    _, manager = server
+
+    def broken_forward(*args, **kwargs):
+        raise RuntimeError("kernel exploded")
+
+    monkeypatch.setattr(manager.get(demo_names[0]).model, "forward", broken_forward)
+    with pytest.raises(AppError) as failure:
+        client.predict("hi", demo_names[0], "", 8, 0.0, api_name="/chat")
+    assert str(failure.value) == SERVER_FAULT  # the log has the details; the user gets no class names
+    monkeypatch.undo()
     assert stats(client.predict("fine again", demo_names[0], "", 8, 0.0, api_name="/chat"))

@@ -132,8 +132,21 @@ def test_cancellation_stops_the_model(loaded, monkeypatch):
 def test_bad_template_input_is_a_user_error(loaded):
     with pytest.raises(UserError):
         final(loaded, greedy(), messages=[{"role": "user"}])
-    with pytest.raises(UserError, match="at least 1"):
-        final(loaded, Sampling(max_new_tokens=0))
+
+
+@pytest.mark.parametrize(
+    ("setting", "value", "named"),
+    [("max_new_tokens", 0, "Max new tokens"), ("seed", 2**70, "Seed"), ("seed", -5, "Seed"),
+     ("temperature", float("nan"), "Temperature"), ("top_p", 0.0, "Top-p"), ("top_k", -1, "Top-k"),
+     ("repetition_penalty", 0.0, "Repetition penalty"), ("temperature", "hot", "Temperature")],
+)
+def test_bad_sampling_settings_are_refused_by_name(setting, value, named):
+    with pytest.raises(UserError, match=f"^{named} must be"):
+        Sampling(**{setting: value})
+
+
+def test_largest_seed_is_accepted(loaded):
+    assert final(loaded, Sampling(max_new_tokens=4, temperature=1.0, seed=2**63 - 1)).new_tokens == 4
 
 
 def test_unset_sampling_takes_the_checkpoint_defaults():

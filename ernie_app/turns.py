@@ -1,0 +1,156 @@
+"""One answered turn as every tab shows it: the message checks, the model messages built from the
+visible history, the reply rendered as chat messages (collapsed reasoning, answer, statistics), and
+the turn each browser session is answering, so that Stop ends it and still shows its statistics."""
+from __future__ import annotations
+
+import dataclasses
+import threading
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from collections.abc import Iterator
+
+from models import CheckpointError
+
+from .engine import STOP_REASONS, Reply, UserError
+from .manager import ModelUnavailable
+from .reasoning import split_reasoning
+
+MAX_MESSAGE_CHARS = 200_000  # beyond this, even tokenizing is wasted work: no model context fits it
+# Failures whose message is written for the user; anything else is a server fault.
+REFUSALS = (UserError, ModelUnavailable, CheckpointError)
+SERVER_FAULT = "Generation failed on the server; the server log has the details. Please try again."
+NO_ANSWER = {
+    "max_new_tokens": "No answer yet: the reasoning used all the new tokens. Raise Max new tokens and retry.",
+    "context": "No answer: the reasoning filled the context. Clear the chat or shorten it.",
+    "cancelled": "Stopped while reasoning, before an answer.",
+    "eos": "The model ended its turn without an answer.",
+    "stop_string": "A stop sequence ended the reply before an answer.",
+}
+
+
+def message_text(content) -> str:
+    """Text of a chat history entry: a string, or Gradio's list of content blocks."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, dict):
+        return content.get("text") or ""
+    if isinstance(content, (list, tuple)):
+        return "".join(message_text(part) for part in content)
+    return ""
+
+
+def check_message(message) -> str:
+    """The text of a new message, or a UserError saying why it is refused."""
+    text = message_text(message)
+    if not text.strip():
+        raise UserError("Please type a message.")
+    if len(text) > MAX_MESSAGE_CHARS:
+        raise UserError(f"That message has {len(text):,} characters; the limit is {MAX_MESSAGE_CHARS:,}.")
+    return text
+
+
+def is_display_only(entry: dict) -> bool:
+    """Reasoning, statistics and status entries (Gradio metadata messages) are never sent back."""
+    return bool((entry.get("metadata") or {}).get("title"))
+
+
+def conversation(history: list[dict], system_prompt: str, message: str) -> list[dict]:
+    """Model messages from the visible chat history plus the new user message."""
+    messages = [{"role": "system", "content": system_prompt.strip()}] if system_prompt.strip() else []
+    for entry in history:
+        text = message_text(entry.get("content"))
+        if entry.get("role") in ("user", "assistant") and text and not is_display_only(entry):
+            messages.append({"role": entry["role"], "content": text})
+    messages.append({"role": "user", "content": message})
+    return messages
+
+
+def status(title: str) -> dict:
+    """A pending status line in the chat (loading, waiting for a slot)."""
+    return {"role": "assistant", "content": "", "metadata": {"title": title, "status": "pending"}}
+
+
+def stats_line(reply: Reply) -> str:
+    parts = []
+    if reply.tokens_per_second is not None:
+        parts.append(f"{reply.tokens_per_second:.1f} tok/s")
+    if reply.time_to_first_token is not None:
+        parts.append(f"first token {reply.time_to_first_token:.2f} s")
+    parts.append(f"{reply.new_tokens} tokens")
+    if reply.stop_reason:
+        parts.append(STOP_REASONS[reply.stop_reason])
+    return " · ".join(parts)
+
+
+def render(reply: Reply, thinking: bool) -> list[dict]:
+    """The reply as chat messages: collapsed reasoning (thinking models), the answer (or why there
+    is none), and a statistics line once finished."""
+    messages = []
+    answer = reply.text
+    if thinking:
+        split = split_reasoning(reply.text)
+        done = "done" if split.thinking_done or reply.stop_reason else "pending"
+        messages.append({"role": "assistant", "content": split.reasoning or "…",
+                         "metadata": {"title": "💭 Reasoning", "status": done}})
+        answer = split.answer
+        if not answer and reply.stop_reason:  # a display-only note: never sent back as an answer
+            messages.append({"role": "assistant", "content": "",
+                             "metadata": {"title": f"ℹ️ {NO_ANSWER[reply.stop_reason]}", "status": "done"}})
+    if answer or not thinking:
+        messages.append({"role": "assistant", "content": answer or ("…" if reply.stop_reason is None else "(no text)"),
+                         "metadata": {}})
+    if reply.stop_reason:
+        messages.append({"role": "assistant", "content": "",
+                         "metadata": {"title": f"⚡ {stats_line(reply)}", "status": "done"}})
+    return messages
+
+
+@dataclass
+class Turn:
+    """A reply being generated: `history` is what the chat shows before it (the user message
+    included); `cancel` ends the generation between two decode steps."""
+
+    history: list[dict]
+    thinking: bool
+    reply: Reply = field(default_factory=Reply)
+    cancel: threading.Event = field(default_factory=threading.Event)
+
+    def messages(self, note: dict | None = None) -> list[dict]:
+        """The chat as it should look now; `note` replaces the reply (a status line)."""
+        return self.history + ([note] if note else render(self.reply, self.thinking))
+
+    def stopped(self) -> list[dict]:
+        """The chat after Stop: the reply so far with its statistics and the reason "stopped"."""
+        self.cancel.set()
+        reply = self.reply if self.reply.stop_reason else dataclasses.replace(self.reply, stop_reason="cancelled")
+        return self.history + render(reply, self.thinking)
+
+
+class RunningTurns:
+    """The turn each browser session is answering (one at a time per session), for Stop."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._turns: dict[str, Turn] = {}
+
+    @contextmanager
+    def track(self, session: str, turn: Turn) -> Iterator[Turn]:
+        with self._lock:
+            previous = self._turns.get(session)
+            self._turns[session] = turn
+        if previous is not None:
+            previous.cancel.set()  # a session answers one turn at a time
+        try:
+            yield turn
+        finally:
+            with self._lock:
+                if self._turns.get(session) is turn:
+                    del self._turns[session]
+
+    def stop(self, session: str) -> Turn | None:
+        """Cancel the session's running turn and return it (None when nothing runs)."""
+        with self._lock:
+            turn = self._turns.get(session)
+        if turn is not None:
+            turn.cancel.set()
+        return turn
