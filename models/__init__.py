@@ -1,5 +1,7 @@
-"""ERNIE model family in plain PyTorch, loading the official hub checkpoints (no transformers)."""
+"""ERNIE 4.5 and ErnieM in plain PyTorch, loading the official hub checkpoints (no transformers)."""
 from .ernie4_5 import Ernie45Config, Ernie45ForCausalLM
+from .ernie_m import ErnieMConfig, ErnieMForSequenceClassification, ErnieMModel, ZeroShotResult, zero_shot_classify
+from .ernie_m_tokenizer import ErnieMTokenizer
 from .generation import generate, sample_token
 from .layers import KVCache
 from .loader import CheckpointError, load_model
@@ -9,10 +11,16 @@ __all__ = [
     "CheckpointError",
     "Ernie45Config",
     "Ernie45ForCausalLM",
+    "ErnieMConfig",
+    "ErnieMForSequenceClassification",
+    "ErnieMModel",
+    "ErnieMTokenizer",
     "KVCache",
     "Tokenizer",
+    "ZeroShotResult",
     "generate",
     "load_model",
     "load_tokenizer",
     "sample_token",
+    "zero_shot_classify",
 ]

@@ -201,6 +201,8 @@ class Ernie45Model(nn.Module):
 class Ernie45ForCausalLM(nn.Module):
     """Dense or MoE ERNIE 4.5 causal LM. `forward(ids, cache, start)` returns logits [B, T, V]."""
 
+    config_class = Ernie45Config
+
     def __init__(self, config: Ernie45Config) -> None:
         super().__init__()
         self.config = config
@@ -240,6 +242,10 @@ class Ernie45ForCausalLM(nn.Module):
                     targets[f"{name}.{e}.up_proj.weight"] = module.gate_up[e, hidden:]
                     targets[f"{name}.{e}.down_proj.weight"] = module.down[e]
         return targets
+
+    def checkpoint_key(self, name: str) -> str:
+        """The target of the tensor stored under `name`: the hub's names are ours."""
+        return name
 
     def ignores_checkpoint_key(self, name: str) -> bool:
         """Tensors present in official files that inference does not use."""

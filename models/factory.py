@@ -1,8 +1,9 @@
 """Tiny random checkpoints in the exact on-disk layout of the official hub repos.
 
 Tests and the app's demo mode use them: same file names, tensor names, shapes and dtypes, config
-keys and tokenizer files as baidu/ERNIE-4.5-0.3B-PT and -21B-A3B-PT, only smaller (or, for
-benchmarks, at the real sizes). Runtime packages only, deterministic for a given seed.
+keys and tokenizer files as baidu/ERNIE-4.5-0.3B-PT and -21B-A3B-PT (and, for the NLI demo,
+MoritzLaurer/ernie-m-large-mnli-xnli), only smaller (or, for benchmarks, at the real sizes).
+Runtime packages only, deterministic for a given seed.
 """
 from __future__ import annotations
 
@@ -17,7 +18,9 @@ from safetensors.torch import save_file
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 
 from .chat_template import ERNIE_4_5_CHAT_TEMPLATE
-from .sentencepiece_model import BPE_MODEL, BYTE, CONTROL, NORMAL, UNKNOWN, USER_DEFINED, Piece, SentencePieceModel
+from .ernie_m_tokenizer import DEFAULT_SPECIAL_TOKENS
+from .sentencepiece_model import BPE_MODEL, BYTE, CONTROL, NORMAL, UNIGRAM_MODEL, UNKNOWN, USER_DEFINED, Piece
+from .sentencepiece_model import SentencePieceModel
 from .sentencepiece_model import serialize_model, to_tokenizers
 
 # ---- tokenizer ----------------------------------------------------------------------------------
@@ -248,4 +251,82 @@ def write_checkpoint(
         (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
     if tokenizer:
         write_tokenizer_files(folder)
+    return folder
+
+
+# ---- ErnieM NLI classifier ----------------------------------------------------------------------
+
+# config.json of MoritzLaurer/ernie-m-large-mnli-xnli as transformers writes it (checkpoints.md §5.1;
+# sizes and labels from the reference config and the model card).
+ERNIE_M_LARGE_NLI_CONFIG: dict = {
+    "act_dropout": 0.0,
+    "architectures": ["ErnieMForSequenceClassification"],
+    "attention_probs_dropout_prob": 0.1,
+    "classifier_dropout": None,
+    "hidden_act": "gelu",
+    "hidden_dropout_prob": 0.1,
+    "hidden_size": 1024,
+    "id2label": {"0": "entailment", "1": "neutral", "2": "contradiction"},
+    "initializer_range": 0.02,
+    "intermediate_size": 4096,
+    "label2id": {"contradiction": 2, "entailment": 0, "neutral": 1},
+    "layer_norm_eps": 1e-05,
+    "max_position_embeddings": 514,
+    "model_type": "ernie_m",
+    "num_attention_heads": 16,
+    "num_hidden_layers": 24,
+    "pad_token_id": 1,
+    "problem_type": "single_label_classification",
+    "torch_dtype": "float32",
+    "vocab_size": 250002,
+}
+
+
+@lru_cache(maxsize=1)
+def _ernie_m_tokenizer_files() -> dict[str, bytes]:
+    """A unigram sentencepiece.bpe.model learned from CORPUS (<unk> <s> </s> first, as in XLM-R's)
+    and vocab.txt in ErnieM's layout: [CLS] [PAD] [SEP] [UNK], the pieces after the first three
+    (so a piece's line is its SentencePiece id + 1), then [MASK]."""
+    learner = Tokenizer(models.Unigram())
+    learner.pre_tokenizer = pre_tokenizers.Metaspace()
+    trainer = trainers.UnigramTrainer(vocab_size=400, special_tokens=["<unk>"], unk_token="<unk>", show_progress=False)
+    learner.train_from_iterator(CORPUS.splitlines(), trainer)
+    learned = [(p, score) for p, score in json.loads(learner.to_str())["model"]["vocab"] if p != "<unk>"]
+    pieces = [Piece("<unk>", 0, UNKNOWN), Piece("<s>", 0, CONTROL), Piece("</s>", 0, CONTROL)]
+    pieces += [Piece(p, score, NORMAL) for p, score in learned]
+    spm = SentencePieceModel(pieces, model_type=UNIGRAM_MODEL, normalizer_name="identity")
+    vocab = ["[CLS]", "[PAD]", "[SEP]", "[UNK]", *(p.piece for p in pieces[3:]), "[MASK]"]
+    config = {"do_lower_case": False, "model_max_length": 512, "tokenizer_class": "ErnieMTokenizer", **DEFAULT_SPECIAL_TOKENS}
+    return {
+        "sentencepiece.bpe.model": serialize_model(spm),
+        "vocab.txt": "".join(f"{token}\n" for token in vocab).encode(),
+        "tokenizer_config.json": json.dumps(config, indent=2).encode(),
+        "special_tokens_map.json": json.dumps(DEFAULT_SPECIAL_TOKENS, indent=2).encode(),
+    }
+
+
+def tiny_ernie_m_config(**overrides: Any) -> dict:
+    """A small config.json in the format of the ErnieM NLI checkpoint, sized to the factory vocab."""
+    vocab_size = len(_ernie_m_tokenizer_files()["vocab.txt"].decode().splitlines())
+    dims = {"hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4, "num_hidden_layers": 2}
+    return {**ERNIE_M_LARGE_NLI_CONFIG, **dims, "vocab_size": vocab_size, **overrides}
+
+
+def write_ernie_m_checkpoint(directory: str | Path, config: dict | None = None, *, seed: int = 0) -> Path:
+    """A random ErnieM classifier as the hub's ErnieM repos publish it: config.json,
+    pytorch_model.bin (the encoder under `ernie_m.`, then `classifier.`), vocab.txt,
+    sentencepiece.bpe.model, tokenizer_config.json and special_tokens_map.json."""
+    from .ernie_m import ErnieMConfig, ErnieMForSequenceClassification
+
+    config = config or tiny_ernie_m_config()
+    folder = Path(directory)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(json.dumps(config, indent=2))
+    with torch.device("meta"):
+        model = ErnieMForSequenceClassification(ErnieMConfig.from_dict(config))
+    generator = torch.Generator().manual_seed(seed)
+    tensors = {name: random_tensor(name, tuple(t.shape), torch.float32, generator) for name, t in model.checkpoint_targets().items()}
+    torch.save(tensors, folder / "pytorch_model.bin")
+    for name, data in _ernie_m_tokenizer_files().items():
+        (folder / name).write_bytes(data)
     return folder

@@ -1,23 +1,36 @@
-"""Load official hub checkpoints (config.json + single or sharded safetensors) into our models.
+"""Load official hub checkpoints (config.json + single or sharded safetensors, or the
+pytorch_model.bin that older repos such as ErnieM's ship) into our models.
 
-The model is built on the meta device, checked against the safetensors headers (names, shapes)
-before any memory is allocated, then materialised directly on the target device and filled one
-tensor at a time from the memory-mapped files: no second full copy of the weights in host memory,
-and nothing is ever unpickled.
+The model class comes from config.json's architecture. It is built on the meta device, checked
+against the files' tensor names and shapes before any memory is allocated, then materialised
+directly on the target device and filled one tensor at a time from the memory-mapped files: no
+second full copy of the weights in host memory. A .bin is read with torch's weights-only
+unpickler, which rebuilds tensors and plain containers only, never arbitrary objects.
 """
 from __future__ import annotations
 
 import json
 import os
+import zipfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
+from torch import nn
 
-from .ernie4_5 import DENSE_ARCHITECTURES, MOE_ARCHITECTURES, Ernie45Config, Ernie45ForCausalLM
+from .ernie4_5 import DENSE_ARCHITECTURES, MOE_ARCHITECTURES, Ernie45ForCausalLM
+from .ernie_m import ErnieMForSequenceClassification, ErnieMModel
 from .hub import resolve_checkpoint
 
-SUPPORTED_ARCHITECTURES = DENSE_ARCHITECTURES + MOE_ARCHITECTURES
+# config.json's architecture -> model class. A class provides `config_class.from_dict`, `cast`,
+# `checkpoint_targets`, `checkpoint_key`, `ignores_checkpoint_key` and `may_miss_checkpoint_key`.
+MODEL_CLASSES: dict[str, type[nn.Module]] = {
+    **dict.fromkeys(DENSE_ARCHITECTURES + MOE_ARCHITECTURES, Ernie45ForCausalLM),
+    "ErnieMModel": ErnieMModel,
+    "ErnieMForSequenceClassification": ErnieMForSequenceClassification,
+}
+SUPPORTED_ARCHITECTURES = tuple(MODEL_CLASSES)
 
 
 class CheckpointError(ValueError):
@@ -44,23 +57,53 @@ def read_config(folder: Path) -> dict:
 
 
 def weight_files(folder: Path) -> list[Path]:
-    """The safetensors files of a checkpoint, driven by the index when it is sharded."""
-    index = folder / "model.safetensors.index.json"
-    if index.is_file():
-        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        missing = [n for n in names if not (folder / n).is_file()]
-        if missing:
-            raise CheckpointError(f"{folder}: shards listed in the index are missing: {', '.join(missing)}")
-        return [folder / n for n in names]
-    single = folder / "model.safetensors"
-    if single.is_file():
-        return [single]
+    """The weight files of a checkpoint, driven by the index when it is sharded: safetensors when
+    there are any, else pytorch_model.bin."""
+    for single in ("model.safetensors", "pytorch_model.bin"):
+        index = folder / f"{single}.index.json"
+        if index.is_file():
+            names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            missing = [n for n in names if not (folder / n).is_file()]
+            if missing:
+                raise CheckpointError(f"{folder}: shards listed in the index are missing: {', '.join(missing)}")
+            return [folder / n for n in names]
+        if (folder / single).is_file():
+            return [folder / single]
     others = sorted(p.name for p in folder.iterdir() if p.suffix in (".bin", ".pdparams", ".pt"))
-    hint = f" (found {', '.join(others)}; only safetensors are loaded, pickles never)" if others else ""
-    raise CheckpointError(f"{folder} has no model.safetensors or model.safetensors.index.json{hint}")
+    hint = f" (found {', '.join(others)})" if others else ""
+    raise CheckpointError(f"{folder} has no model.safetensors, pytorch_model.bin or index of either{hint}")
 
 
-def check_tensors(model: Ernie45ForCausalLM, headers: dict[str, list[int]]) -> None:
+def _load_bin(file: Path) -> dict[str, torch.Tensor]:
+    """A pytorch_model.bin through the weights-only unpickler, memory-mapped unless it is in the
+    pre-1.6 (non-zip) format, which cannot be."""
+    try:
+        state = torch.load(file, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(file))
+    except Exception as error:  # a corrupt or unsafe file: torch raises several types
+        raise CheckpointError(f"{file} is not a readable PyTorch weights file: {error}") from error
+    if not isinstance(state, dict) or not all(isinstance(t, torch.Tensor) for t in state.values()):
+        raise CheckpointError(f"{file} does not hold a flat dict of tensors")
+    return state
+
+
+def tensor_shapes(file: Path) -> dict[str, list[int]]:
+    if file.suffix == ".safetensors":
+        with safe_open(file, framework="pt") as f:
+            return {key: f.get_slice(key).get_shape() for key in f.keys()}
+    return {key: list(t.shape) for key, t in _load_bin(file).items()}
+
+
+def read_tensors(file: Path) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, tensor) of a weight file, one tensor at a time."""
+    if file.suffix == ".safetensors":
+        with safe_open(file, framework="pt") as f:
+            for key in f.keys():
+                yield key, f.get_tensor(key)
+    else:
+        yield from _load_bin(file).items()
+
+
+def check_tensors(model: nn.Module, headers: dict[str, list[int]]) -> None:
     """Raise one error naming every missing, unexpected and mis-shaped tensor."""
     targets = model.checkpoint_targets()
     missing = [k for k in targets if k not in headers and not model.may_miss_checkpoint_key(k)]
@@ -85,34 +128,33 @@ def load_model(
     device: str | torch.device | dict[str, str | torch.device] | None = None,
     dtype: torch.dtype | None = None,
     revision: str | None = None,
-) -> Ernie45ForCausalLM:
-    """Load an ERNIE 4.5 text checkpoint (hub id or local folder) ready for inference.
+) -> nn.Module:
+    """Load a checkpoint (hub id or local folder) ready for inference: an ERNIE 4.5 text model,
+    or an ErnieM encoder or classifier.
 
     `device` is one device, or a device map {module name: device} (as accelerate's
     `infer_auto_device_map` produces; "" is the whole model) to split a model by layers."""
     folder = resolve_checkpoint(path_or_repo_id, revision)
     raw = read_config(folder)
     architecture = (raw.get("architectures") or ["<none>"])[0]
-    if architecture not in SUPPORTED_ARCHITECTURES:
+    if architecture not in MODEL_CLASSES:
         raise CheckpointError(
             f"{folder}: architecture {architecture!r} is not supported by load_model "
             f"(supported: {', '.join(SUPPORTED_ARCHITECTURES)})"
         )
-    config = Ernie45Config.from_dict(raw)
+    model_class = MODEL_CLASSES[architecture]
+    config = model_class.config_class.from_dict(raw)
     device_map = device if isinstance(device, dict) else {"": device if device is not None else default_device()}
     devices = [torch.device(d) for d in device_map.values()]
     dtype = dtype or default_dtype(next((d for d in devices if d.type != "cpu"), devices[0]))
 
+    with torch.device("meta"):
+        model = model_class(config)
+    model.cast(dtype).requires_grad_(False).eval()
     files = weight_files(folder)
     headers: dict[str, list[int]] = {}
     for file in files:
-        with safe_open(file, framework="pt") as f:
-            for key in f.keys():
-                headers[key] = f.get_slice(key).get_shape()
-
-    with torch.device("meta"):
-        model = Ernie45ForCausalLM(config)
-    model.cast(dtype).requires_grad_(False).eval()
+        headers.update({model.checkpoint_key(k): shape for k, shape in tensor_shapes(file).items()})
     check_tensors(model, headers)
 
     for name, module_device in device_map.items():
@@ -126,8 +168,8 @@ def load_model(
             if key not in headers:  # allowed to be absent (see may_miss_checkpoint_key)
                 target.zero_()
         for file in files:
-            with safe_open(file, framework="pt") as f:
-                for key in f.keys():
-                    if key in targets:
-                        targets[key].copy_(f.get_tensor(key))
+            for key, tensor in read_tensors(file):
+                target = targets.get(model.checkpoint_key(key))
+                if target is not None:  # else ignored (see ignores_checkpoint_key)
+                    target.copy_(tensor)
     return model

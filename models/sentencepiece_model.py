@@ -1,18 +1,19 @@
-"""Read and write SentencePiece `tokenizer.model` files and convert BPE ones into `tokenizers`.
+"""Read and write SentencePiece model files and convert them into `tokenizers`.
 
-A tokenizer.model is a protobuf `ModelProto`; the few fields a tokenizer needs are read with a
-minimal wire-format codec, so neither `sentencepiece` nor `protobuf` is needed at run time.
+A SentencePiece model (ERNIE 4.5's BPE `tokenizer.model`, ErnieM's unigram
+`sentencepiece.bpe.model`) is a protobuf `ModelProto`; the few fields a tokenizer needs are read
+with a minimal wire-format codec, so neither `sentencepiece` nor `protobuf` is needed at run time.
 """
 from __future__ import annotations
 
 import struct
 from dataclasses import dataclass
 
-from tokenizers import AddedToken, Regex, Tokenizer, decoders, normalizers
-from tokenizers.models import BPE
+from tokenizers import AddedToken, Regex, Tokenizer, decoders, normalizers, pre_tokenizers
+from tokenizers.models import BPE, Unigram
 
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6  # SentencePiece.Type
-BPE_MODEL = 2  # TrainerSpec.ModelType
+UNIGRAM_MODEL, BPE_MODEL = 1, 2  # TrainerSpec.ModelType
 
 
 @dataclass
@@ -185,4 +186,29 @@ def to_tokenizers(model: SentencePieceModel) -> Tokenizer:
     tokenizer.add_tokens(
         [AddedToken(p.piece, special=p.type == CONTROL, normalized=False) for p in model.pieces if p.type in (CONTROL, USER_DEFINED)]
     )
+    return tokenizer
+
+
+def unigram_pieces_tokenizer(model: SentencePieceModel) -> Tokenizer:
+    """A `tokenizers.Tokenizer` whose tokens and ids are SentencePiece's `EncodeAsPieces` /
+    `EncodeAsIds` for a unigram model (ErnieM's kind); an unknown run's token is its text.
+
+    SentencePiece never matches control, unknown or unused pieces in text, while a `tokenizers`
+    Unigram matches every vocabulary string, so those pieces keep their ids under a name no word can
+    contain: the pre-tokenizer leaves a "▁" only at the start of a word, so never at the end of a
+    longer string. User-defined pieces compete in the lattice with their score (SentencePiece
+    always picks them; ErnieM's model is not known to have any)."""
+    if model.model_type != UNIGRAM_MODEL:
+        raise ValueError(f"SentencePiece model type {model.model_type} is not unigram (1)")
+    if not model.escape_whitespaces:
+        raise ValueError("SentencePiece models that do not escape whitespace are not supported")
+    unmatchable = (CONTROL, UNKNOWN, UNUSED)
+    vocab = [(p.piece + "▁" if p.type in unmatchable else p.piece, p.score) for p in model.pieces]
+    tokenizer = Tokenizer(Unigram(vocab, unk_id=model.unk_id, byte_fallback=model.byte_fallback))
+    steps = [normalizers.Precompiled(model.precompiled_charsmap)] if model.precompiled_charsmap else []
+    if model.remove_extra_whitespaces:  # of " " only, after the charsmap, as SentencePiece does
+        steps += [normalizers.Replace(Regex(" {2,}"), " "), normalizers.Replace(Regex("^ | $"), "")]
+    tokenizer.normalizer = normalizers.Sequence(steps)
+    prepend = "always" if model.add_dummy_prefix else "never"
+    tokenizer.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme=prepend, split=True)
     return tokenizer

@@ -1,4 +1,5 @@
-"""Tokenizer of the ERNIE checkpoints on the `tokenizers` library alone.
+"""Tokenizer of the ERNIE 4.5 checkpoints on the `tokenizers` library alone (ErnieM's is in
+ernie_m_tokenizer.py; `load_tokenizer` picks by the files present).
 
 `tokenizer.json` is used when the checkpoint has one; otherwise `tokenizer.model` (SentencePiece
 BPE) is converted once and the result cached on disk. Special tokens and the chat template come
@@ -11,6 +12,7 @@ import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from tokenizers import AddedToken
 from tokenizers import Tokenizer as Backend
@@ -18,6 +20,9 @@ from tokenizers import Tokenizer as Backend
 from .chat_template import render_chat_template, resolve_chat_template
 from .hub import resolve_checkpoint
 from .sentencepiece_model import parse_model, to_tokenizers
+
+if TYPE_CHECKING:
+    from .ernie_m_tokenizer import ErnieMTokenizer
 
 SPECIAL_TOKEN_NAMES = ("bos_token", "eos_token", "unk_token", "pad_token", "cls_token", "sep_token", "mask_token")
 
@@ -135,9 +140,14 @@ class Tokenizer:
         )
 
 
-def load_tokenizer(path_or_repo_id: str | os.PathLike, revision: str | None = None) -> Tokenizer:
-    """Load the tokenizer of a checkpoint (hub id or local folder)."""
+def load_tokenizer(path_or_repo_id: str | os.PathLike, revision: str | None = None) -> Tokenizer | ErnieMTokenizer:
+    """Load the tokenizer of a checkpoint (hub id or local folder): ErnieM's when the folder has
+    its files (sentencepiece.bpe.model and vocab.txt), else the ERNIE 4.5 one."""
     folder = resolve_checkpoint(path_or_repo_id, revision)
+    from .ernie_m_tokenizer import is_ernie_m_folder, load_ernie_m_tokenizer  # it imports this module
+
+    if is_ernie_m_folder(folder):
+        return load_ernie_m_tokenizer(folder)
     if (folder / "tokenizer.json").is_file():
         backend = Backend.from_file(str(folder / "tokenizer.json"))
     elif (folder / "tokenizer.model").is_file():

@@ -1,4 +1,5 @@
-"""Shared test setup: no network, a private cache, and the demo checkpoints built once."""
+"""Shared test setup: no network, a private cache, the demo checkpoints and the ErnieM reference
+results built once."""
 from __future__ import annotations
 
 import os
@@ -23,3 +24,14 @@ def demo_registry():
 def demo_names(demo_registry):
     """dense, MoE and thinking demo model names, in that order."""
     return list(demo_registry)
+
+
+@pytest.fixture(scope="session")
+def ernie_m_reference(tmp_path_factory):
+    """transformers 4.56.2's ErnieM results (checkpoints, outputs, token ids, zero-shot scores),
+    computed once per session in its own venv (see ernie_m_reference.py)."""
+    from ernie_m_reference import reference_spec, run_reference
+
+    work = tmp_path_factory.mktemp("ernie_m_reference")
+    spec = reference_spec(work)
+    return spec, run_reference(spec, work / "out"), work / "out"
