@@ -7,7 +7,7 @@ import os
 
 from ernie_app.demo import demo_models, hub_reachable, weights_cached
 from ernie_app.manager import ModelManager
-from ernie_app.registry import build_registry, parse_model_entries
+from ernie_app.registry import CHAT, build_registry, models_for, parse_model_entries
 from ernie_app.ui import build_app
 
 log = logging.getLogger("ernie_studio")
@@ -64,7 +64,8 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = parse_args(argv)
     registry, notice = choose_models(args)
-    default_model = args.default_model if args.default_model in registry else next(iter(registry))
+    chat_models = models_for(registry, CHAT)
+    default_model = args.default_model if args.default_model in chat_models else chat_models[0]
     cpu_limit = None if args.cpu_limit_gb is None else int(float(args.cpu_limit_gb) * 2**30)
     manager = ModelManager(registry, cpu_limit_bytes=cpu_limit, max_concurrency=args.concurrency)
     if args.preload:

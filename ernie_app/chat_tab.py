@@ -7,16 +7,15 @@ it) -> respond (queued, streams) -> unlock the input, which runs whatever happen
 """
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable, Iterator
 
 import gradio as gr
 
 from .engine import Sampling, UserError, sampling_defaults, stream_reply
 from .manager import ModelManager
-from .turns import REFUSALS, SERVER_FAULT, RunningTurns, Turn, check_message, conversation, message_text, status
+from .registry import CHAT, models_for
+from .turns import RunningTurns, Turn, check_message, conversation, message_text, refuse, status
 
-log = logging.getLogger(__name__)
 SLOT_WAIT_SECONDS = 0.5
 EXAMPLES = [
     "Write a haiku about the sea at night.",
@@ -68,15 +67,6 @@ def make_sampling(max_new_tokens, temperature, top_p, top_k, repetition_penalty,
     )
 
 
-def refuse(error: Exception, where: str) -> str:
-    """The user-facing message for a failure, logged in one line (a traceback only for faults)."""
-    if isinstance(error, REFUSALS):
-        log.info("%s refused: %s", where, error)
-        return str(error)
-    log.error("%s failed", where, exc_info=error)
-    return SERVER_FAULT
-
-
 def last_user_index(history: list[dict]) -> int | None:
     return next((i for i in range(len(history) - 1, -1, -1) if history[i].get("role") == "user"), None)
 
@@ -85,7 +75,7 @@ def build_chat_tab(manager: ModelManager, default_model: str, max_context: int, 
     """Render the Chat tab inside the current Blocks context."""
     session = ChatSession(manager, max_context)
     specs = manager.registry
-    model = gr.Dropdown([(specs[name].label, name) for name in specs], value=default_model, label="Model")
+    model = gr.Dropdown([(specs[name].label, name) for name in models_for(specs, CHAT)], value=default_model, label="Model")
     chatbot = gr.Chatbot(
         height=560, editable="user", buttons=["copy", "copy_all"], layout="bubble", show_label=False,
         placeholder="Ask ERNIE anything. The model loads on first use.",

@@ -5,11 +5,12 @@ from __future__ import annotations
 import json
 import os
 import urllib.request
+from dataclasses import replace
 from pathlib import Path
 
-from models.factory import GENERATION_CONFIG, tiny_config, write_checkpoint
+from models.factory import GENERATION_CONFIG, tiny_config, write_checkpoint, write_ernie_m_checkpoint
 
-from .registry import DEFAULT_MODELS, ModelSpec
+from .registry import CLASSIFY, DEFAULT_MODELS, ModelSpec
 
 DEMO_VERSION = "v2"  # bump when the demo checkpoints change, so stale caches are not reused
 # The thinking demo samples differently from the others (the demo's own choice), so that the
@@ -27,21 +28,29 @@ def demo_dir() -> Path:
     return Path(root) / "demo" / DEMO_VERSION
 
 
+def write_demo_checkpoint(folder: Path, spec: ModelSpec, seed: int) -> None:
+    """A tiny random checkpoint of the built-in model `spec`'s family, in its official layout."""
+    if spec.task == CLASSIFY:
+        write_ernie_m_checkpoint(folder, seed=seed)
+        return
+    write_checkpoint(folder, tiny_config("moe" if "21B" in spec.name else "dense"), seed=seed)
+    if spec.thinking:
+        config_path = folder / "tokenizer_config.json"
+        config = json.loads(config_path.read_text())
+        config["chat_template"] = THINKING_TEMPLATE
+        config_path.write_text(json.dumps(config, indent=2, ensure_ascii=False))
+        (folder / "generation_config.json").write_text(json.dumps(THINKING_GENERATION_CONFIG, indent=2))
+
+
 def demo_models() -> list[ModelSpec]:
-    """Write (once) a tiny dense, MoE and thinking-template checkpoint; return their specs, named
-    as the real models are (the page marks them as demo models)."""
+    """Write (once) a tiny checkpoint for every built-in model; return their specs, named as the
+    real models are (the page marks them as demo models)."""
     specs = []
-    for builtin, kind in zip(DEFAULT_MODELS, ("dense", "moe", "moe")):
+    for seed, builtin in enumerate(DEFAULT_MODELS):
         folder = demo_dir() / builtin.name
         if not (folder / "config.json").is_file():
-            write_checkpoint(folder, tiny_config(kind), seed=len(specs))
-            if builtin.thinking:
-                config_path = folder / "tokenizer_config.json"
-                config = json.loads(config_path.read_text())
-                config["chat_template"] = THINKING_TEMPLATE
-                config_path.write_text(json.dumps(config, indent=2, ensure_ascii=False))
-                (folder / "generation_config.json").write_text(json.dumps(THINKING_GENERATION_CONFIG, indent=2))
-        specs.append(ModelSpec(builtin.name, str(folder), params_b=0.001, thinking=builtin.thinking, random_weights=True))
+            write_demo_checkpoint(folder, builtin, seed)
+        specs.append(replace(builtin, source=str(folder), params_b=0.001, random_weights=True))
     return specs
 
 

@@ -21,10 +21,12 @@ from pathlib import Path
 
 import torch
 
-from models import Ernie45Config, Ernie45ForCausalLM, Tokenizer, load_model, load_tokenizer
+from torch import nn
+
+from models import load_model, load_tokenizer
 from models.factory import GENERATION_CONFIG
 from models.hub import resolve_checkpoint
-from models.loader import default_dtype, weight_files
+from models.loader import MODEL_CLASSES, default_dtype, read_config, weight_files
 
 from .registry import ModelSpec
 
@@ -40,8 +42,8 @@ class ModelUnavailable(RuntimeError):
 @dataclass
 class LoadedModel:
     spec: ModelSpec
-    model: Ernie45ForCausalLM
-    tokenizer: Tokenizer
+    model: nn.Module
+    tokenizer: object  # the family's tokenizer (models.load_tokenizer picks it)
     generation_config: dict
     placement: str
     weight_bytes: int
@@ -69,10 +71,11 @@ def split_by_layers(folder: Path, budgets: dict[int, int]) -> dict[str, str]:
     """A device map placing whole decoder layers on GPUs within their byte budgets."""
     from accelerate import infer_auto_device_map
 
-    config = Ernie45Config.from_dict(json.loads((folder / "config.json").read_text()))
+    raw = read_config(folder)
+    model_class = MODEL_CLASSES[(raw.get("architectures") or [""])[0]]
     with torch.device("meta"):
-        model = Ernie45ForCausalLM(config).cast(torch.bfloat16)
-    device_map = infer_auto_device_map(model, max_memory=budgets, no_split_module_classes=["DecoderLayer"])
+        model = model_class(model_class.config_class.from_dict(raw)).cast(torch.bfloat16)
+    device_map = infer_auto_device_map(model, max_memory=budgets, no_split_module_classes=["DecoderLayer", "EncoderLayer"])
     return {name: (f"cuda:{d}" if isinstance(d, int) else str(d)) for name, d in device_map.items()}
 
 

@@ -4,14 +4,18 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 
+CHAT, CLASSIFY = "chat", "classify"  # the tab that offers a model
+
+
 @dataclass(frozen=True)
 class ModelSpec:
     """One selectable model. `source` is a hub repo id or a local folder; `params_b` (billions of
-    parameters) sizes the placement decision before anything is downloaded."""
+    parameters) sizes the placement decision before anything is downloaded; `task` is the tab that
+    offers it."""
 
     name: str
     source: str
-    family: str = "ernie4_5"
+    task: str = CHAT
     params_b: float = 0.36
     thinking: bool = False
     random_weights: bool = False
@@ -30,14 +34,21 @@ DEFAULT_MODELS = [
     ModelSpec("ERNIE-4.5-0.3B-PT", "baidu/ERNIE-4.5-0.3B-PT", params_b=0.36),
     ModelSpec("ERNIE-4.5-21B-A3B-PT", "baidu/ERNIE-4.5-21B-A3B-PT", params_b=21.8),
     ModelSpec("ERNIE-4.5-21B-A3B-Thinking", "baidu/ERNIE-4.5-21B-A3B-Thinking", params_b=21.8, thinking=True),
+    ModelSpec("ernie-m-large-mnli-xnli", "MoritzLaurer/ernie-m-large-mnli-xnli", CLASSIFY, params_b=0.56),
+    ModelSpec("ernie-m-base-mnli-xnli", "MoritzLaurer/ernie-m-base-mnli-xnli", CLASSIFY, params_b=0.28),
 ]
+
+
+def models_for(registry: dict[str, ModelSpec], task: str) -> list[str]:
+    """Names of the registry's models that `task`'s tab offers, in registry order."""
+    return [name for name, spec in registry.items() if spec.task == task]
 
 
 def parse_model_entries(text: str) -> list[ModelSpec]:
     """Parse `--models` / ERNIE_STUDIO_MODELS: comma-separated `NAME=SOURCE` or bare `SOURCE`
     entries, where SOURCE is a hub id or a local folder. A NAME of a built-in model points it at
-    SOURCE (e.g. a local copy); other names add models. Sizes of new entries are guessed from the
-    name ("21B" → MoE size) and refined from config.json at load time."""
+    SOURCE (e.g. a local copy); other names add models. Sizes and tabs of new entries are guessed
+    from the name ("21B" → MoE size, "ernie-m" → classification)."""
     specs = []
     for entry in filter(None, (e.strip() for e in text.split(","))):
         name, _, source = entry.rpartition("=")
@@ -48,7 +59,8 @@ def parse_model_entries(text: str) -> list[ModelSpec]:
             specs.append(replace(builtin, source=source))
         else:
             big = "21B" in name or "21B" in source
-            specs.append(ModelSpec(name, source, params_b=21.8 if big else 0.36, thinking="Thinking" in name))
+            task = CLASSIFY if "ernie-m" in f"{name} {source}".lower() else CHAT
+            specs.append(ModelSpec(name, source, task, params_b=21.8 if big else 0.36, thinking="Thinking" in name))
     return specs
 
 

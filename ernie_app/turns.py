@@ -4,6 +4,7 @@ the turn each browser session is answering, so that Stop ends it and still shows
 from __future__ import annotations
 
 import dataclasses
+import logging
 import threading
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -15,6 +16,7 @@ from .engine import STOP_REASONS, Reply, UserError
 from .manager import ModelUnavailable
 from .reasoning import split_reasoning
 
+log = logging.getLogger(__name__)
 MAX_MESSAGE_CHARS = 200_000  # beyond this, even tokenizing is wasted work: no model context fits it
 # Failures whose message is written for the user; anything else is a server fault.
 REFUSALS = (UserError, ModelUnavailable, CheckpointError)
@@ -26,6 +28,15 @@ NO_ANSWER = {
     "eos": "The model ended its turn without an answer.",
     "stop_string": "A stop sequence ended the reply before an answer.",
 }
+
+
+def refuse(error: Exception, where: str) -> str:
+    """The user-facing message for a failure, logged in one line (a traceback only for faults)."""
+    if isinstance(error, REFUSALS):
+        log.info("%s refused: %s", where, error)
+        return str(error)
+    log.error("%s failed", where, exc_info=error)
+    return SERVER_FAULT
 
 
 def message_text(content) -> str:

@@ -4,7 +4,9 @@ from __future__ import annotations
 import gradio as gr
 
 from .chat_tab import build_chat_tab
+from .classify_tab import build_classify_tab
 from .manager import ModelManager
+from .registry import CLASSIFY, models_for
 
 TITLE = "ERNIE 4.5 Studio"
 INTRO = "Run and try Baidu's ERNIE models in your browser, on our own PyTorch implementations."
@@ -23,4 +25,7 @@ def build_app(
             gr.Markdown(f"> ⚠️ {notice}")
         with gr.Tab("Chat"):
             build_chat_tab(manager, default_model, max_context, concurrency_limit)
+        if models_for(manager.registry, CLASSIFY):
+            with gr.Tab("Multilingual classification"):
+                build_classify_tab(manager, concurrency_limit)
     return app

@@ -1,6 +1,7 @@
 """End to end: the real Gradio server on 127.0.0.1 in demo mode, driven through gradio_client."""
 from __future__ import annotations
 
+import re
 import socket
 import subprocess
 import sys
@@ -194,3 +195,43 @@ def test_refusals_log_one_line_and_faults_name_no_exception_class(client, server
     assert str(failure.value) == SERVER_FAULT  # the log has the details; the user gets no class names
     monkeypatch.undo()
     assert stats(client.predict("fine again", demo_names[0], "", 8, 0.0, api_name="/chat"))
+
+
+@pytest.mark.parametrize(
+    ("text", "labels"),
+    [("国家队昨晚在决赛中以二比一战胜对手。", "体育，经济，科技"),
+     ("ارتفعت أسعار النفط بعد قرار خفض الإنتاج.", "اقتصاد, رياضة, طقس"),
+     ("El gobierno aprobó una nueva ley de educación.", "política, deportes, cocina, tecnología")],
+)
+def test_classify_api_scores_every_label(client, server, demo_registry, text, labels):
+    from models import zero_shot_classify
+
+    _, manager = server
+    name = next(n for n, spec in demo_registry.items() if spec.task == "classify")
+    result = client.predict(text, labels, api_name="/classify")
+    given = [label.strip() for label in labels.replace("，", ",").split(",")]
+    assert sorted(result["labels"]) == sorted(given) and result["truncated"] is False
+    assert result["scores"] == sorted(result["scores"], reverse=True) and sum(result["scores"]) == pytest.approx(1, abs=1e-5)
+    loaded = manager.get(name)
+    direct = zero_shot_classify(loaded.model, loaded.tokenizer, text, given)
+    assert result["labels"] == direct.labels and result["scores"] == pytest.approx(direct.scores, abs=1e-6)
+    multi = client.predict(text, labels, "This text is about {}.", True, api_name="/classify")
+    assert all(0 <= s <= 1 for s in multi["scores"]) and sum(multi["scores"]) != pytest.approx(1, abs=1e-3)
+
+
+@pytest.mark.parametrize(
+    ("text", "labels", "template", "expected"),
+    [("", "a, b", "This example is {}.", "Please type a text"),
+     ("Some text", " , ,", "This example is {}.", "at least one label"),
+     ("Some text", ",".join(f"label{i}" for i in range(300)), "This example is {}.", "300 labels is too many"),
+     ("Some text", "a, b", "No placeholder here.", "exactly one {}"),
+     ("Some text", "a, b", "Broken {0} {}", "no other braces")],
+)
+def test_classify_api_refuses_bad_requests_clearly(client, text, labels, template, expected):
+    with pytest.raises(AppError, match=re.escape(expected)):
+        client.predict(text, labels, template, api_name="/classify")
+
+
+def test_classify_api_truncates_long_text_and_merges_duplicate_labels(client):
+    result = client.predict("word " * 10_000, "news, sports, News, sports", api_name="/classify")
+    assert result["truncated"] is True and sorted(result["labels"]) == ["news", "sports"]
