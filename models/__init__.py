@@ -1,5 +1,6 @@
 """ERNIE model family in plain PyTorch, loading the official hub checkpoints (no transformers)."""
 from .ernie4_5 import Ernie45Config, Ernie45ForCausalLM
+from .ernie4_5_vl import Ernie45VLConfig, Ernie45VLForConditionalGeneration
 from .generation import generate, sample_token
 from .layers import KVCache
 from .loader import CheckpointError, load_model
@@ -9,6 +10,8 @@ __all__ = [
     "CheckpointError",
     "Ernie45Config",
     "Ernie45ForCausalLM",
+    "Ernie45VLConfig",
+    "Ernie45VLForConditionalGeneration",
     "KVCache",
     "Tokenizer",
     "generate",

@@ -13,11 +13,18 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
+from torch import nn
 
-from .ernie4_5 import DENSE_ARCHITECTURES, MOE_ARCHITECTURES, Ernie45Config, Ernie45ForCausalLM
+from .ernie4_5 import DENSE_ARCHITECTURES, MOE_ARCHITECTURES, Ernie45ForCausalLM
+from .ernie4_5_vl import VL_ARCHITECTURES, Ernie45VLForConditionalGeneration
 from .hub import resolve_checkpoint
 
-SUPPORTED_ARCHITECTURES = DENSE_ARCHITECTURES + MOE_ARCHITECTURES
+# config.json `architectures[0]` -> model class. A class provides `config_class.from_dict(raw)`,
+# `cast`, `checkpoint_targets`, `ignores_checkpoint_key` and `may_miss_checkpoint_key`.
+MODEL_CLASSES: dict[str, type[nn.Module]] = {
+    **dict.fromkeys(DENSE_ARCHITECTURES + MOE_ARCHITECTURES, Ernie45ForCausalLM),
+    **dict.fromkeys(VL_ARCHITECTURES, Ernie45VLForConditionalGeneration),
+}
 
 
 class CheckpointError(ValueError):
@@ -60,9 +67,20 @@ def weight_files(folder: Path) -> list[Path]:
     raise CheckpointError(f"{folder} has no model.safetensors or model.safetensors.index.json{hint}")
 
 
-def check_tensors(model: Ernie45ForCausalLM, headers: dict[str, list[int]]) -> None:
+def model_class(raw: dict) -> type[nn.Module]:
+    """The model class of a config.json, by its declared architecture."""
+    architecture = (raw.get("architectures") or ["<none>"])[0]
+    if architecture not in MODEL_CLASSES:
+        raise CheckpointError(
+            f"architecture {architecture!r} is not supported by load_model "
+            f"(supported: {', '.join(MODEL_CLASSES)})"
+        )
+    return MODEL_CLASSES[architecture]
+
+
+def check_tensors(model: nn.Module, headers: dict[str, list[int]]) -> None:
     """Raise one error naming every missing, unexpected and mis-shaped tensor."""
-    targets = model.checkpoint_targets()
+    targets = model.checkpoint_targets(headers)
     missing = [k for k in targets if k not in headers and not model.may_miss_checkpoint_key(k)]
     unexpected = [k for k in headers if k not in targets and not model.ignores_checkpoint_key(k)]
     misshaped = [
@@ -85,20 +103,16 @@ def load_model(
     device: str | torch.device | dict[str, str | torch.device] | None = None,
     dtype: torch.dtype | None = None,
     revision: str | None = None,
-) -> Ernie45ForCausalLM:
-    """Load an ERNIE 4.5 text checkpoint (hub id or local folder) ready for inference.
+) -> nn.Module:
+    """Load an ERNIE checkpoint (hub id or local folder) ready for inference: the model class
+    follows config.json's `architectures` (see MODEL_CLASSES).
 
     `device` is one device, or a device map {module name: device} (as accelerate's
     `infer_auto_device_map` produces; "" is the whole model) to split a model by layers."""
     folder = resolve_checkpoint(path_or_repo_id, revision)
     raw = read_config(folder)
-    architecture = (raw.get("architectures") or ["<none>"])[0]
-    if architecture not in SUPPORTED_ARCHITECTURES:
-        raise CheckpointError(
-            f"{folder}: architecture {architecture!r} is not supported by load_model "
-            f"(supported: {', '.join(SUPPORTED_ARCHITECTURES)})"
-        )
-    config = Ernie45Config.from_dict(raw)
+    cls = model_class(raw)
+    config = cls.config_class.from_dict(raw)
     device_map = device if isinstance(device, dict) else {"": device if device is not None else default_device()}
     devices = [torch.device(d) for d in device_map.values()]
     dtype = dtype or default_dtype(next((d for d in devices if d.type != "cpu"), devices[0]))
@@ -111,7 +125,7 @@ def load_model(
                 headers[key] = f.get_slice(key).get_shape()
 
     with torch.device("meta"):
-        model = Ernie45ForCausalLM(config)
+        model = cls(config)
     model.cast(dtype).requires_grad_(False).eval()
     check_tensors(model, headers)
 
@@ -120,7 +134,7 @@ def load_model(
     unplaced = [name for name, p in model.named_parameters() if p.is_meta]
     if unplaced:
         raise ValueError(f"device map leaves {len(unplaced)} tensors unplaced, e.g. {unplaced[0]}")
-    targets = model.checkpoint_targets()
+    targets = model.checkpoint_targets(headers)
     with torch.no_grad():
         for key, target in targets.items():
             if key not in headers:  # allowed to be absent (see may_miss_checkpoint_key)
