@@ -154,17 +154,20 @@ class VisionAttention(nn.Module):
         self.qkv = nn.Linear(dim, 3 * dim)  # rows [q | k | v], heads contiguous within each
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, frames: list[tuple[int, int]]) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, frames: list[tuple[int, int]]
+    ) -> torch.Tensor:
         """x: [N, d] patches of all items; frames: (frame count, patches per frame) per item."""
         q, k, v = self.qkv(x).unflatten(-1, (3, self.num_heads, -1)).permute(1, 2, 0, 3)  # [H, N, D] each
         # The tower's RoPE turns the pairs (j, j + D/2). Reordering every head to (0, D/2, 1, D/2 + 1,
         # ...) makes them adjacent pairs for layers.py's rotation; q.k is blind to a common reorder.
-        q, k = (apply_interleaved_rope(t.unflatten(-1, (2, -1)).transpose(-1, -2).flatten(-2)[None], cos, sin)[0] for t in (q, k))
+        q, k = (apply_interleaved_rope(t.unflatten(-1, (2, -1)).transpose(-1, -2).flatten(-2)[None], cos, sin)[0]
+                for t in (q, k))
         out, offset = [], 0
-        for count, length in frames:
+        for count, length in frames:  # all frames of an item in one batched call
             rows = slice(offset, offset + count * length)
             q_, k_, v_ = (t[:, rows].unflatten(1, (count, length)).transpose(0, 1) for t in (q, k, v))
-            out.append(F.scaled_dot_product_attention(q_, k_, v_).transpose(1, 2).flatten(0, 1))  # [count*length, H, D]
+            out.append(F.scaled_dot_product_attention(q_, k_, v_).transpose(1, 2).flatten(0, 1))  # [rows, H, D]
             offset += count * length
         return self.proj(torch.cat(out).flatten(1))
 
@@ -189,7 +192,9 @@ class VisionBlock(nn.Module):
         self.norm2 = nn.LayerNorm(d, eps=config.layer_norm_eps)
         self.mlp = VisionMLP(d, config.intermediate_size)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, frames: list[tuple[int, int]]) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, frames: list[tuple[int, int]]
+    ) -> torch.Tensor:
         x = x + self.attn(self.norm1(x), cos, sin, frames)
         return x + self.mlp(self.norm2(x))
 
@@ -355,17 +360,19 @@ class Ernie45VLForConditionalGeneration(Ernie45ForCausalLM):
                 if kind == IMAGE and s > 0 and ids[b, s - 1] == c.video_start_token_id:
                     kind = VIDEO  # the original processor marks video patches as image ones
                     row[s:e] = VIDEO
-                covered = s
+                covered = s  # a run may hold several items back to back
                 while covered < e:
                     grid = next(grids[kind], None)
                     if grid is None:
-                        raise ValueError(f"the prompt has more {'image' if kind == IMAGE else 'video'} placeholders than grids")
+                        name = "image" if kind == IMAGE else "video"
+                        raise ValueError(f"the prompt has more {name} placeholders than grids")
                     t, h, w = grid[0] // 2 if kind == VIDEO else 1, grid[1] // merge, grid[2] // merge
-                    chunks.append(torch.stack(torch.meshgrid(torch.arange(t), torch.arange(h), torch.arange(w), indexing="ij")).flatten(1) + p)
+                    steps = torch.meshgrid(torch.arange(t), torch.arange(h), torch.arange(w), indexing="ij")
+                    chunks.append(torch.stack(steps).flatten(1) + p)
                     p += max(h, w)
                     covered += t * h * w
                 if covered != e:
-                    raise ValueError(f"placeholder run of {e - s} tokens does not match its grids ({covered - s} tokens)")
+                    raise ValueError(f"placeholder run of {e - s} tokens does not match its grids ({covered - s})")
             positions[:, b] = torch.cat(chunks, dim=1)
         return kinds.to(input_ids.device), positions
 
