@@ -26,7 +26,7 @@ from torch import nn
 from models import load_model, load_tokenizer
 from models.factory import GENERATION_CONFIG
 from models.hub import resolve_checkpoint
-from models.loader import MODEL_CLASSES, default_dtype, read_config, weight_files
+from models.loader import default_dtype, model_class, read_config, weight_files
 
 from .registry import ModelSpec
 
@@ -72,9 +72,9 @@ def split_by_layers(folder: Path, budgets: dict[int, int]) -> dict[str, str]:
     from accelerate import infer_auto_device_map
 
     raw = read_config(folder)
-    model_class = MODEL_CLASSES[(raw.get("architectures") or [""])[0]]
+    cls = model_class(raw)
     with torch.device("meta"):
-        model = model_class(model_class.config_class.from_dict(raw)).cast(torch.bfloat16)
+        model = cls(cls.config_class.from_dict(raw)).cast(torch.bfloat16)
     device_map = infer_auto_device_map(model, max_memory=budgets, no_split_module_classes=["DecoderLayer", "EncoderLayer"])
     return {name: (f"cuda:{d}" if isinstance(d, int) else str(d)) for name, d in device_map.items()}
 

@@ -1,5 +1,6 @@
-"""ERNIE 4.5 and ErnieM in plain PyTorch, loading the official hub checkpoints (no transformers)."""
+"""ERNIE 4.5 (dense, MoE, VL) and ErnieM in plain PyTorch, loading the official hub checkpoints (no transformers)."""
 from .ernie4_5 import Ernie45Config, Ernie45ForCausalLM
+from .ernie4_5_vl import Ernie45VLConfig, Ernie45VLForConditionalGeneration
 from .ernie_m import ErnieMConfig, ErnieMForSequenceClassification, ErnieMModel, ZeroShotResult, zero_shot_classify
 from .ernie_m_tokenizer import ErnieMTokenizer
 from .generation import generate, sample_token
@@ -11,6 +12,8 @@ __all__ = [
     "CheckpointError",
     "Ernie45Config",
     "Ernie45ForCausalLM",
+    "Ernie45VLConfig",
+    "Ernie45VLForConditionalGeneration",
     "ErnieMConfig",
     "ErnieMForSequenceClassification",
     "ErnieMModel",

@@ -6,6 +6,7 @@ parameter names follow the hub checkpoints, so most tensors load by name.
 """
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -44,6 +45,7 @@ class Ernie45Config:
     moe_layer_interval: int = 1
     moe_norm_min: float = 1e-12
     moe_use_aux_free: bool = True
+    moe_vision_intermediate_size: int = 0  # VL: width of the image/video experts (0: none)
     bos_token_id: int | None = 1
     eos_token_id: int | list[int] | None = 2
     pad_token_id: int | None = 0
@@ -133,12 +135,22 @@ class Experts(nn.Module):
         return unsorted.view(N, k, -1).sum(dim=1)
 
 
-class CorrectionBias(nn.Module):
-    """Holds `e_score_correction_bias` under the checkpoint's `moe_statics` name."""
+class Router(nn.Module):
+    """Router weights [E, d] under the hub names: `weight` for text tokens and, in the VL model,
+    `weight_1` for image/video tokens."""
 
-    def __init__(self, num_experts: int) -> None:
+    def __init__(self, dim: int, num_experts: int, modalities: int) -> None:
         super().__init__()
-        self.e_score_correction_bias = nn.Parameter(torch.zeros(1, num_experts))
+        self.weight = nn.Parameter(torch.empty(num_experts, dim))
+        self.weight_1 = nn.Parameter(torch.empty(num_experts, dim)) if modalities == 2 else None
+
+
+class CorrectionBias(nn.Module):
+    """Holds `e_score_correction_bias` [modalities, E] under the checkpoint's `moe_statics` name."""
+
+    def __init__(self, num_experts: int, modalities: int) -> None:
+        super().__init__()
+        self.e_score_correction_bias = nn.Parameter(torch.zeros(modalities, num_experts))
 
 
 class MoE(nn.Module):
@@ -146,29 +158,57 @@ class MoE(nn.Module):
 
     The router runs in fp32: softmax first, then the correction bias is added only to *choose* the
     experts; the mixing weights are the unbiased probabilities of the chosen ones, renormalised.
+    The VL model isolates modalities: image/video tokens (`vision_mask`) go to a second set of
+    routed experts with its own router and bias row; the shared experts serve every token.
     """
 
     def __init__(self, config: Ernie45Config) -> None:
         super().__init__()
-        d, E = config.hidden_size, config.moe_num_experts
-        self.k, self.norm_min = config.moe_k, config.moe_norm_min
-        self.gate = nn.Linear(d, E, bias=False)
-        self.moe_statics = CorrectionBias(E)
+        d, E, vision = config.hidden_size, config.moe_num_experts, config.moe_vision_intermediate_size
+        self.num_experts, self.k, self.norm_min = E, config.moe_k, config.moe_norm_min
+        self.gate = Router(d, E, 2 if vision else 1)
+        self.moe_statics = CorrectionBias(E, 2 if vision else 1)
         self.experts = Experts(E, d, config.moe_intermediate_size)
+        self.vision_experts = Experts(E, d, vision) if vision else None
         shared = config.moe_intermediate_size * config.moe_num_shared_experts
         self.shared_experts = MLP(d, shared, config.use_bias) if shared else None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, vision_mask: torch.Tensor | None = None) -> torch.Tensor:
         shape = x.shape
         x = x.reshape(-1, shape[-1])
-        probs = F.softmax(F.linear(x.float(), self.gate.weight.float()), dim=-1)
-        _, experts = torch.topk(probs + self.moe_statics.e_score_correction_bias[0], self.k, dim=-1)
-        weights = probs.gather(-1, experts)
-        weights = weights / weights.sum(-1, keepdim=True).clamp(min=self.norm_min)
-        out = self.experts(x, experts, weights.to(x.dtype))
+        if vision_mask is None or not vision_mask.any():
+            out = self.route(x, 0)
+        else:
+            vision = vision_mask.reshape(-1)
+            out = torch.empty_like(x)
+            for modality, rows in enumerate((~vision, vision)):
+                if rows.any():
+                    out[rows] = self.route(x[rows], modality)
         if self.shared_experts is not None:
             out = out + self.shared_experts(x)
         return out.view(shape)
+
+    def route(self, x: torch.Tensor, modality: int) -> torch.Tensor:
+        """Routed experts' output for tokens x [N, d] of one modality (0 text, 1 image/video)."""
+        router, experts = (self.gate.weight, self.experts) if modality == 0 else (self.gate.weight_1, self.vision_experts)
+        probs = F.softmax(F.linear(x.float(), router.float()), dim=-1)
+        _, chosen = torch.topk(probs + self.moe_statics.e_score_correction_bias[modality], self.k, dim=-1)
+        weights = probs.gather(-1, chosen)
+        weights = weights / weights.sum(-1, keepdim=True).clamp(min=self.norm_min)
+        return experts(x, chosen, weights.to(x.dtype))
+
+    def checkpoint_views(self, prefix: str) -> dict[str, torch.Tensor]:
+        """The hub files store routed experts one by one, the vision experts numbered after the
+        text experts; map those names to views of the stacked weights."""
+        views = {}
+        for first, experts in ((0, self.experts), (self.num_experts, self.vision_experts)):
+            if experts is None:
+                continue
+            for e in range(self.num_experts):
+                views[f"{prefix}.experts.{first + e}.gate_proj.weight"] = experts.gate_up[e, : experts.hidden]
+                views[f"{prefix}.experts.{first + e}.up_proj.weight"] = experts.gate_up[e, experts.hidden :]
+                views[f"{prefix}.experts.{first + e}.down_proj.weight"] = experts.down[e]
+        return views
 
 
 class DecoderLayer(nn.Module):
@@ -184,10 +224,17 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
 
     def forward(
-        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache | None, start: int
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        cache: KVCache | None,
+        start: int,
+        vision_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, self.index, start)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        h = self.post_attention_layernorm(x)
+        return x + (self.mlp(h, vision_mask) if isinstance(self.mlp, MoE) else self.mlp(h))
 
 
 class Ernie45Model(nn.Module):
@@ -228,24 +275,19 @@ class Ernie45ForCausalLM(nn.Module):
                 module.moe_statics.float()
         return self
 
-    def checkpoint_targets(self) -> dict[str, torch.Tensor]:
+    def checkpoint_targets(self, names: Collection[str] = ()) -> dict[str, torch.Tensor]:
         """Map every checkpoint tensor name to the tensor (or view) it loads into.
 
-        Routed experts are stored one tensor per expert in the files and stacked here."""
+        `names` are the checkpoint's own tensor names, from which a model whose files come in
+        several layouts picks its layout. Routed experts are stored one tensor per expert in the
+        files and stacked here."""
         targets = dict(self.named_parameters())
-        hidden = self.config.moe_intermediate_size
         for name, module in self.named_modules():
             if isinstance(module, Experts):
                 del targets[f"{name}.gate_up"], targets[f"{name}.down"]
-                for e in range(module.gate_up.shape[0]):
-                    targets[f"{name}.{e}.gate_proj.weight"] = module.gate_up[e, :hidden]
-                    targets[f"{name}.{e}.up_proj.weight"] = module.gate_up[e, hidden:]
-                    targets[f"{name}.{e}.down_proj.weight"] = module.down[e]
+            elif isinstance(module, MoE):
+                targets.update(module.checkpoint_views(name))
         return targets
-
-    def checkpoint_key(self, name: str) -> str:
-        """The target of the tensor stored under `name`: the hub's names are ours."""
-        return name
 
     def ignores_checkpoint_key(self, name: str) -> bool:
         """Tensors present in official files that inference does not use."""
@@ -275,15 +317,33 @@ class Ernie45ForCausalLM(nn.Module):
         With a cache, keys/values of earlier positions come from it and the new ones are written
         into it. `last_only` computes logits of the last position only (prefill for generation)."""
         x = self.model.embed_tokens(input_ids)
-        if self._inv_freq is None or self._inv_freq.device != x.device:
-            self._inv_freq = rope_inv_freq(self.config.head_dim, self.config.rope_theta, x.device)
         positions = torch.arange(start, start + input_ids.shape[1], device=x.device)
-        cos, sin = rope_cos_sin(positions[None], self._inv_freq)
+        cos, sin = rope_cos_sin(positions[None], self.inv_freq(x.device))
+        return self.decode(x, cos, sin, cache, start, last_only)
+
+    def inv_freq(self, device: torch.device) -> torch.Tensor:
+        if self._inv_freq is None or self._inv_freq.device != device:
+            self._inv_freq = rope_inv_freq(self.config.head_dim, self.config.rope_theta, device)
+        return self._inv_freq
+
+    def decode(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        cache: KVCache | None,
+        start: int,
+        last_only: bool,
+        vision_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Logits from input embeddings x [B, T, d] and their rotary cos/sin (the decoder stack
+        and the head, shared with the VL model)."""
         for layer in self.model.layers:
             device = layer.input_layernorm.weight.device
             if x.device != device:  # a model split across devices by layers
                 x, cos, sin = x.to(device), cos.to(device), sin.to(device)
-            x = layer(x, cos, sin, cache, start)
+                vision_mask = None if vision_mask is None else vision_mask.to(device)
+            x = layer(x, cos, sin, cache, start, vision_mask)
         x = x[:, -1:] if last_only else x
         x = self.model.norm(x.to(self.model.norm.weight.device))
         weight = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight

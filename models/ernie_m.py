@@ -7,6 +7,7 @@ pooler over the first token. Module and parameter names follow the hub checkpoin
 """
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass, field, fields
 from typing import Any, NamedTuple
 
@@ -127,15 +128,16 @@ class _Checkpoint(nn.Module):
 
     config_class = ErnieMConfig
     config: ErnieMConfig
-    encoder_prefix = ""  # where this class keeps the encoder's tensors
 
-    def checkpoint_targets(self) -> dict[str, torch.Tensor]:
-        return dict(self.named_parameters())
-
-    def checkpoint_key(self, name: str) -> str:
-        """The target of the tensor stored under `name`."""
-        bare = name.removeprefix("ernie_m.")
-        return bare if bare.startswith("classifier.") else self.encoder_prefix + bare
+    def checkpoint_targets(self, names: Collection[str] = ()) -> dict[str, torch.Tensor]:
+        """The parameters keyed as a file with tensors `names` stores them: the encoder's under
+        `ernie_m.` when that file uses the prefix, bare otherwise; the head's as `classifier.`."""
+        prefix = "ernie_m." if any(n.startswith("ernie_m.") for n in names) else ""
+        targets = {}
+        for name, tensor in self.named_parameters():
+            bare = name.removeprefix("ernie_m.")
+            targets[bare if bare.startswith("classifier.") else prefix + bare] = tensor
+        return targets
 
     def ignores_checkpoint_key(self, name: str) -> bool:
         return False
@@ -184,8 +186,6 @@ class ErnieMModel(_Checkpoint):
 
 class ErnieMForSequenceClassification(_Checkpoint):
     """Encoder plus a linear head on the pooled output: `forward(ids, attention_mask)` -> logits [B, num_labels]."""
-
-    encoder_prefix = "ernie_m."
 
     def __init__(self, config: ErnieMConfig) -> None:
         super().__init__()

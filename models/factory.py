@@ -1,9 +1,9 @@
 """Tiny random checkpoints in the exact on-disk layout of the official hub repos.
 
 Tests and the app's demo mode use them: same file names, tensor names, shapes and dtypes, config
-keys and tokenizer files as baidu/ERNIE-4.5-0.3B-PT and -21B-A3B-PT (and, for the NLI demo,
-MoritzLaurer/ernie-m-large-mnli-xnli), only smaller (or, for benchmarks, at the real sizes).
-Runtime packages only, deterministic for a given seed.
+keys and tokenizer files as baidu/ERNIE-4.5-0.3B-PT, -21B-A3B-PT and -VL-28B-A3B-PT (and, for the
+NLI demo, MoritzLaurer/ernie-m-large-mnli-xnli), only smaller (or, for benchmarks, at the real
+sizes). Runtime packages only, deterministic for a given seed.
 """
 from __future__ import annotations
 
@@ -28,6 +28,10 @@ from .sentencepiece_model import serialize_model, to_tokenizers
 SPECIAL_TOKENS = {"unk_token": "<unk>", "bos_token": "<s>", "eos_token": "</s>", "pad_token": "<unk>",
                   "cls_token": "<|begin_of_sentence|>", "sep_token": "<|end_of_sentence|>", "mask_token": "<mask:1>"}
 EXTRA_SPECIAL_TOKENS = ["<mask:4>", "<mask:5>", "<mask:6>", "<mask:7>"]
+# The VL tokenizer's image/video tokens (checkpoints.md §4.4; <|VIDEO_PLACEHOLDER|> is transformers'
+# addition, the original processor reuses the image placeholder for video patches).
+VL_SPECIAL_TOKENS = ["<|IMAGE_PLACEHOLDER|>", "<|IMAGE_START|>", "<|IMAGE_END|>", "<|VIDEO_START|>",
+                     "<|VIDEO_END|>", "<|VIDEO_PLACEHOLDER|>", "<think>", "</think>"]
 CORPUS = """\
 Hello! How can I help you today? I am a helpful assistant and I answer questions clearly.
 The quick brown fox jumps over the lazy dog. What is the capital of France? Paris is the capital.
@@ -41,10 +45,11 @@ Emoji 😀 🎉 👍 ❤️ and numbers like 2024, 3.14159 and 100% are common i
 """
 
 
-def _sentencepiece_model() -> SentencePieceModel:
+def _sentencepiece_model(extra_specials: tuple[str, ...]) -> SentencePieceModel:
     """A SentencePiece BPE model with ERNIE's id layout: <unk> <s> </s>, the ten digits as
     user-defined symbols, 256 byte-fallback pieces, BPE pieces learned from CORPUS (no dummy
-    prefix, whitespace kept as in ERNIE's tokenizer), then the chat special tokens."""
+    prefix, whitespace kept as in ERNIE's tokenizer), then the chat special tokens and
+    `extra_specials`."""
     text = CORPUS.replace(" ", "▁")
     trainer = trainers.BpeTrainer(vocab_size=900, min_frequency=2, show_progress=False)
     learner = Tokenizer(models.BPE())
@@ -60,15 +65,16 @@ def _sentencepiece_model() -> SentencePieceModel:
     normal = list(dict.fromkeys(p for p in merged if not any(c.isdigit() for c in p)))
     normal += [c for c in chars if c not in normal]
     pieces += [Piece(p, -float(i), NORMAL) for i, p in enumerate(normal)]
-    specials = [SPECIAL_TOKENS["cls_token"], SPECIAL_TOKENS["sep_token"], SPECIAL_TOKENS["mask_token"], *EXTRA_SPECIAL_TOKENS]
+    specials = [SPECIAL_TOKENS["cls_token"], SPECIAL_TOKENS["sep_token"], SPECIAL_TOKENS["mask_token"],
+                *EXTRA_SPECIAL_TOKENS, *extra_specials]
     pieces += [Piece(p, 0, CONTROL) for p in specials]
     return SentencePieceModel(pieces, model_type=BPE_MODEL, byte_fallback=True, add_dummy_prefix=False,
                               remove_extra_whitespaces=False, normalizer_name="identity")
 
 
-@lru_cache(maxsize=1)
-def _tokenizer_files() -> dict[str, bytes]:
-    spm = _sentencepiece_model()
+@lru_cache(maxsize=2)
+def _tokenizer_files(extra_specials: tuple[str, ...]) -> dict[str, bytes]:
+    spm = _sentencepiece_model(extra_specials)
     ids = {p.piece: i for i, p in enumerate(spm.pieces)}
     special = [p.piece for p in spm.pieces if p.type in (CONTROL, UNKNOWN)]
     decoder = {
@@ -77,12 +83,12 @@ def _tokenizer_files() -> dict[str, bytes]:
     }
     config = {
         "add_bos_token": False, "add_eos_token": False, "add_prefix_space": False, "legacy": True,
-        "added_tokens_decoder": decoder, **SPECIAL_TOKENS, "additional_special_tokens": EXTRA_SPECIAL_TOKENS,
+        "added_tokens_decoder": decoder, **SPECIAL_TOKENS, "additional_special_tokens": [*EXTRA_SPECIAL_TOKENS, *extra_specials],
         "chat_template": ERNIE_4_5_CHAT_TEMPLATE, "clean_up_tokenization_spaces": False,
         "model_max_length": 131072, "sp_model_kwargs": {}, "spaces_between_special_tokens": False,
         "tokenizer_class": "LlamaTokenizer", "use_default_system_prompt": False,
     }
-    special_map = {**SPECIAL_TOKENS, "additional_special_tokens": EXTRA_SPECIAL_TOKENS}
+    special_map = {**SPECIAL_TOKENS, "additional_special_tokens": [*EXTRA_SPECIAL_TOKENS, *extra_specials]}
     return {
         "tokenizer.model": serialize_model(spm),
         "tokenizer.json": to_tokenizers(spm).to_str(pretty=True).encode(),
@@ -91,12 +97,13 @@ def _tokenizer_files() -> dict[str, bytes]:
     }
 
 
-def write_tokenizer_files(directory: str | Path) -> None:
+def write_tokenizer_files(directory: str | Path, vl: bool = False) -> None:
     """tokenizer.model, tokenizer.json, tokenizer_config.json (with the chat template) and
-    special_tokens_map.json, as in the hub's ERNIE 4.5 text repos."""
+    special_tokens_map.json, as in the hub's ERNIE 4.5 text repos; `vl` adds the VL repo's
+    image/video special tokens (after all others, ids from 501)."""
     folder = Path(directory)
     folder.mkdir(parents=True, exist_ok=True)
-    for name, data in _tokenizer_files().items():
+    for name, data in _tokenizer_files(tuple(VL_SPECIAL_TOKENS) if vl else ()).items():
         (folder / name).write_bytes(data)
 
 # ---- model --------------------------------------------------------------------------------------
@@ -148,6 +155,38 @@ ERNIE_21B_A3B_CONFIG: dict = {
     "moe_gate": "topk",
     "num_nextn_predict_layers": 1,
 }
+# The original config.json of baidu/ERNIE-4.5-VL-28B-A3B-PT (flat text keys, list-valued MoE keys
+# for the text and vision experts; checkpoints.md §4.1). Its special token ids are the VL
+# tokenizer's fixed ones (101304 ... for image/video start/end).
+ERNIE_VL_28B_A3B_CONFIG: dict = {
+    **{k: v for k, v in ERNIE_0_3B_CONFIG.items() if k != "head_dim"},
+    "architectures": ["Ernie4_5_VLMoeForConditionalGeneration"],
+    "model_type": "ernie4_5_moe_vl",
+    "hidden_size": 2560,
+    "intermediate_size": 12288,
+    "num_attention_heads": 20,
+    "num_key_value_heads": 4,
+    "num_hidden_layers": 28,
+    "moe_num_experts": [64, 64],
+    "moe_intermediate_size": [1536, 512],
+    "moe_k": 6,
+    "moe_num_shared_experts": 2,
+    "moe_layer_start_index": [1, 1],
+    "moe_layer_end_index": [29, 28],
+    "moe_layer_interval": 1,
+    "moe_use_aux_free": True,
+    "im_patch_id": 100295,
+    "pixel_hidden_size": 1280,
+    "spatial_conv_size": 2,
+    "temporal_conv_size": 2,
+    "use_temporal_conv": True,
+    "rope_3d": True,
+    "freq_allocation": 20,
+    "vision_config": {
+        "depth": 32, "embed_dim": 1280, "hidden_size": 1280, "num_heads": 16, "mlp_ratio": 4,
+        "in_channels": 3, "patch_size": 14, "spatial_merge_size": 2, "hidden_act": "quick_gelu",
+    },
+}
 # generation_config.json of the 0.3B checkpoints (checkpoints.md §2.5).
 GENERATION_CONFIG: dict = {
     "do_sample": True,
@@ -171,25 +210,41 @@ TINY_DIMS: dict = {
 
 
 def tiny_config(kind: str, **overrides: Any) -> dict:
-    """A small config.json in the official format of the dense ("dense") or MoE ("moe") model."""
+    """A small config.json in the official format of the dense ("dense"), MoE ("moe") or
+    vision-language ("vl") model."""
     if kind == "dense":
         config = {**ERNIE_0_3B_CONFIG, **TINY_DIMS, "head_dim": 32}
     elif kind == "moe":
         config = {**ERNIE_21B_A3B_CONFIG, **TINY_DIMS, "num_hidden_layers": 3, "moe_num_experts": 8,
                   "moe_k": 2, "moe_intermediate_size": 32, "moe_layer_end_index": 2}
+    elif kind == "vl":
+        # Head dim 16: 8 rotary frequencies, the last 2 for time. The image/video token ids of the
+        # tiny tokenizer are given explicitly (the real config relies on the fixed ones).
+        ids = {token: 501 + i for i, token in enumerate(VL_SPECIAL_TOKENS)}
+        config = {
+            **ERNIE_VL_28B_A3B_CONFIG, **TINY_DIMS, "num_hidden_layers": 3, "moe_num_experts": [8, 8],
+            "moe_k": 2, "moe_intermediate_size": [32, 16], "freq_allocation": 2, "pixel_hidden_size": 32,
+            "vision_config": {**ERNIE_VL_28B_A3B_CONFIG["vision_config"], "depth": 2, "embed_dim": 32,
+                              "hidden_size": 32, "num_heads": 2, "mlp_ratio": 2},
+            "im_patch_id": ids["<|IMAGE_PLACEHOLDER|>"],
+            "image_start_token_id": ids["<|IMAGE_START|>"], "image_end_token_id": ids["<|IMAGE_END|>"],
+            "video_start_token_id": ids["<|VIDEO_START|>"], "video_end_token_id": ids["<|VIDEO_END|>"],
+            "video_token_id": ids["<|VIDEO_PLACEHOLDER|>"],
+        }
     else:
-        raise ValueError(f"unknown kind {kind!r}: 'dense' or 'moe'")
+        raise ValueError(f"unknown kind {kind!r}: 'dense', 'moe' or 'vl'")
     return {**config, "vocab_size": TINY_VOCAB_SIZE, **overrides}
 
 
 def checkpoint_tensors(config: dict) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
     """Name -> (shape, dtype) of every tensor the official files of `config` hold: the model's own
     tensors (routers and correction biases in fp32) plus the MTP head when the config declares one."""
-    from .ernie4_5 import Ernie45Config, Ernie45ForCausalLM
+    from .loader import model_class
 
     dtype = getattr(torch, config.get("torch_dtype", "bfloat16"))
+    cls = model_class(config)
     with torch.device("meta"):
-        model = Ernie45ForCausalLM(Ernie45Config.from_dict(config)).cast(dtype)
+        model = cls(cls.config_class.from_dict(config)).cast(dtype)
     tensors = {name: (tuple(t.shape), t.dtype) for name, t in model.checkpoint_targets().items()}
     d = config["hidden_size"]
     for i in range(config.get("num_nextn_predict_layers", 0)):
@@ -250,7 +305,7 @@ def write_checkpoint(
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
         (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
     if tokenizer:
-        write_tokenizer_files(folder)
+        write_tokenizer_files(folder, vl="vision_config" in config)
     return folder
 
 
@@ -325,7 +380,8 @@ def write_ernie_m_checkpoint(directory: str | Path, config: dict | None = None, 
     with torch.device("meta"):
         model = ErnieMForSequenceClassification(ErnieMConfig.from_dict(config))
     generator = torch.Generator().manual_seed(seed)
-    tensors = {name: random_tensor(name, tuple(t.shape), torch.float32, generator) for name, t in model.checkpoint_targets().items()}
+    # Our module names are the hub's tensor names (the encoder under `ernie_m.`).
+    tensors = {name: random_tensor(name, tuple(t.shape), torch.float32, generator) for name, t in model.named_parameters()}
     torch.save(tensors, folder / "pytorch_model.bin")
     for name, data in _ernie_m_tokenizer_files().items():
         (folder / name).write_bytes(data)

@@ -52,12 +52,20 @@ def generate(
     repetition_penalty: float = 1.0,
     eos_token_ids: Sequence[int] | None = None,
     seed: int | None = None,
+    pixel_values: torch.Tensor | None = None,
+    image_grid_thw: torch.Tensor | None = None,
+    pixel_values_videos: torch.Tensor | None = None,
+    video_grid_thw: torch.Tensor | None = None,
 ) -> Iterator[int]:
     """Yield up to `max_new_tokens` new token ids for one prompt, stopping after an eos id.
 
     `eos_token_ids` defaults to the config's eos ids. Greedy unless `do_sample` (a temperature of 0
     also means greedy). `seed` makes sampling reproducible without touching global RNG state.
+    A VL model takes the prompt's images and videos (as the processor returns them) at prefill.
     """
+    media = dict(pixel_values=pixel_values, image_grid_thw=image_grid_thw,
+                 pixel_values_videos=pixel_values_videos, video_grid_thw=video_grid_thw)
+    media = {name: value for name, value in media.items() if value is not None}  # text models take none
     ids = torch.as_tensor(input_ids, dtype=torch.long, device=model.device).reshape(1, -1)
     prompt_len = ids.shape[1]
     if prompt_len == 0:
@@ -75,7 +83,7 @@ def generate(
         seen[ids[0]] = True
 
     cache = model.new_cache(1, prompt_len + max_new_tokens)
-    logits = model(ids, cache, 0, last_only=True)
+    logits = model(ids, cache=cache, start=0, last_only=True, **media)
     for step in range(max_new_tokens):
         scores = logits[0, -1].float()
         if seen is not None:
@@ -87,4 +95,4 @@ def generate(
             return
         if seen is not None:
             seen[token] = True
-        logits = model(token.view(1, 1), cache, prompt_len + step)
+        logits = model(token.view(1, 1), cache=cache, start=prompt_len + step)

@@ -40,9 +40,17 @@ def rope_inv_freq(head_dim: int, theta: float, device: torch.device | str | None
     return 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float, device=device) / head_dim))
 
 
-def rope_cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos/sin of the angles `position * inv_freq`, shape [..., D/2], fp32."""
-    angles = positions[..., None].float() * inv_freq
+def rope_cos_sin(
+    positions: torch.Tensor, inv_freq: torch.Tensor, axis_of_freq: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin of the angles `position * inv_freq`, shape [..., T, D/2], fp32.
+
+    positions: [..., T]; or, for multimodal RoPE, [A, ..., T] positions on A axes (time, height,
+    width) with frequency i turning by the position on axis `axis_of_freq[i]`."""
+    if axis_of_freq is None:
+        angles = positions[..., None].float() * inv_freq
+    else:
+        angles = positions[axis_of_freq].movedim(0, -1).float() * inv_freq
     return angles.cos(), angles.sin()
 
 
@@ -78,6 +86,9 @@ class KVCache:
         cache next to its weights)."""
         shape = (batch_size, num_kv_heads, capacity, head_dim)
         self.capacity = capacity
+        # RoPE position minus cache index of the tokens after the prompt: 0 for text; a VL prompt
+        # sets it, since its images span fewer positions than tokens.
+        self.position_offset: torch.Tensor | int = 0
         self.keys = [torch.zeros(shape, dtype=dtype, device=devices[i]) for i in range(num_layers)]
         self.values = [torch.zeros(shape, dtype=dtype, device=devices[i]) for i in range(num_layers)]
 

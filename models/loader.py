@@ -20,17 +20,19 @@ from safetensors import safe_open
 from torch import nn
 
 from .ernie4_5 import DENSE_ARCHITECTURES, MOE_ARCHITECTURES, Ernie45ForCausalLM
+from .ernie4_5_vl import VL_ARCHITECTURES, Ernie45VLForConditionalGeneration
 from .ernie_m import ErnieMForSequenceClassification, ErnieMModel
 from .hub import resolve_checkpoint
 
-# config.json's architecture -> model class. A class provides `config_class.from_dict`, `cast`,
-# `checkpoint_targets`, `checkpoint_key`, `ignores_checkpoint_key` and `may_miss_checkpoint_key`.
+# config.json `architectures[0]` -> model class. A class provides `config_class.from_dict(raw)`,
+# `cast`, `checkpoint_targets(names)` (its tensors keyed as a file with those names stores them),
+# `ignores_checkpoint_key` and `may_miss_checkpoint_key`.
 MODEL_CLASSES: dict[str, type[nn.Module]] = {
     **dict.fromkeys(DENSE_ARCHITECTURES + MOE_ARCHITECTURES, Ernie45ForCausalLM),
+    **dict.fromkeys(VL_ARCHITECTURES, Ernie45VLForConditionalGeneration),
     "ErnieMModel": ErnieMModel,
     "ErnieMForSequenceClassification": ErnieMForSequenceClassification,
 }
-SUPPORTED_ARCHITECTURES = tuple(MODEL_CLASSES)
 
 
 class CheckpointError(ValueError):
@@ -103,9 +105,20 @@ def read_tensors(file: Path) -> Iterator[tuple[str, torch.Tensor]]:
         yield from _load_bin(file).items()
 
 
+def model_class(raw: dict) -> type[nn.Module]:
+    """The model class of a config.json, by its declared architecture."""
+    architecture = (raw.get("architectures") or ["<none>"])[0]
+    if architecture not in MODEL_CLASSES:
+        raise CheckpointError(
+            f"architecture {architecture!r} is not supported by load_model "
+            f"(supported: {', '.join(MODEL_CLASSES)})"
+        )
+    return MODEL_CLASSES[architecture]
+
+
 def check_tensors(model: nn.Module, headers: dict[str, list[int]]) -> None:
     """Raise one error naming every missing, unexpected and mis-shaped tensor."""
-    targets = model.checkpoint_targets()
+    targets = model.checkpoint_targets(headers)
     missing = [k for k in targets if k not in headers and not model.may_miss_checkpoint_key(k)]
     unexpected = [k for k in headers if k not in targets and not model.ignores_checkpoint_key(k)]
     misshaped = [
@@ -129,32 +142,26 @@ def load_model(
     dtype: torch.dtype | None = None,
     revision: str | None = None,
 ) -> nn.Module:
-    """Load a checkpoint (hub id or local folder) ready for inference: an ERNIE 4.5 text model,
-    or an ErnieM encoder or classifier.
+    """Load an ERNIE checkpoint (hub id or local folder) ready for inference: the model class
+    follows config.json's `architectures` (see MODEL_CLASSES): ERNIE 4.5 text or VL, or ErnieM.
 
     `device` is one device, or a device map {module name: device} (as accelerate's
     `infer_auto_device_map` produces; "" is the whole model) to split a model by layers."""
     folder = resolve_checkpoint(path_or_repo_id, revision)
     raw = read_config(folder)
-    architecture = (raw.get("architectures") or ["<none>"])[0]
-    if architecture not in MODEL_CLASSES:
-        raise CheckpointError(
-            f"{folder}: architecture {architecture!r} is not supported by load_model "
-            f"(supported: {', '.join(SUPPORTED_ARCHITECTURES)})"
-        )
-    model_class = MODEL_CLASSES[architecture]
-    config = model_class.config_class.from_dict(raw)
+    cls = model_class(raw)
+    config = cls.config_class.from_dict(raw)
     device_map = device if isinstance(device, dict) else {"": device if device is not None else default_device()}
     devices = [torch.device(d) for d in device_map.values()]
     dtype = dtype or default_dtype(next((d for d in devices if d.type != "cpu"), devices[0]))
 
     with torch.device("meta"):
-        model = model_class(config)
+        model = cls(config)
     model.cast(dtype).requires_grad_(False).eval()
     files = weight_files(folder)
     headers: dict[str, list[int]] = {}
     for file in files:
-        headers.update({model.checkpoint_key(k): shape for k, shape in tensor_shapes(file).items()})
+        headers.update(tensor_shapes(file))
     check_tensors(model, headers)
 
     for name, module_device in device_map.items():
@@ -162,14 +169,13 @@ def load_model(
     unplaced = [name for name, p in model.named_parameters() if p.is_meta]
     if unplaced:
         raise ValueError(f"device map leaves {len(unplaced)} tensors unplaced, e.g. {unplaced[0]}")
-    targets = model.checkpoint_targets()
+    targets = model.checkpoint_targets(headers)
     with torch.no_grad():
         for key, target in targets.items():
             if key not in headers:  # allowed to be absent (see may_miss_checkpoint_key)
                 target.zero_()
         for file in files:
             for key, tensor in read_tensors(file):
-                target = targets.get(model.checkpoint_key(key))
-                if target is not None:  # else ignored (see ignores_checkpoint_key)
-                    target.copy_(tensor)
+                if key in targets:  # else ignored (see ignores_checkpoint_key)
+                    targets[key].copy_(tensor)
     return model
