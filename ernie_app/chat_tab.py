@@ -138,7 +138,7 @@ def build_chat_tab(manager: ModelManager, default_model: str, max_context: int, 
             with session.running.track(request.session_hash, turn):
                 for messages in session.stream(turn, text, model_name, system, values,
                                                lambda fraction, note: progress(fraction, desc=note)):
-                    yield messages, gr.skip()
+                    yield gr.skip() if turn.discarded else messages, gr.skip()
         except Exception as error:  # the conversation and the message go back as they were
             gr.Warning(refuse(error, "chat"))
             yield history[:-1], gr.update(value=text)
@@ -147,13 +147,13 @@ def build_chat_tab(manager: ModelManager, default_model: str, max_context: int, 
         turn = session.running.stop(request.session_hash)
         return gr.skip() if turn is None else turn.stopped()
 
-    def undo(history):
+    def undo(history, request: gr.Request):
+        session.running.stop(request.session_hash, discard=True)  # undoing a reply still streaming
         index = last_user_index(history)
         if index is None:
             return gr.skip(), gr.skip()
         return history[:index], gr.update(value=message_text(history[index]["content"]))
 
-    respond_events = []
     for trigger, prepare, inputs in [
         (textbox.submit, accept, [textbox, chatbot]),
         (chatbot.retry, retry, [chatbot]),
@@ -163,20 +163,21 @@ def build_chat_tab(manager: ModelManager, default_model: str, max_context: int, 
         # Queued (toasts need the queue) but never waiting for a slot: refusals show at once.
         prepared = trigger(prepare, inputs, [textbox, chatbot, pending], concurrency_limit=None,
                            show_progress="hidden", api_visibility="private")
-        responding = prepared.then(
+        prepared.then(
             respond, [pending, chatbot, model, system_prompt, *settings], [chatbot, textbox],
             concurrency_limit=concurrency_limit, concurrency_id="chat", show_progress="minimal", show_progress_on=chatbot,
             api_visibility="private",
-        )
-        responding.then(lambda: gr.update(**IDLE), None, textbox, queue=False, api_visibility="private")
-        respond_events.append(responding)
-    textbox.stop(stop, None, chatbot, cancels=respond_events, queue=False, api_visibility="private").then(
-        lambda: gr.update(**IDLE), None, textbox, queue=False, api_visibility="private")
+        ).then(lambda: gr.update(**IDLE), None, textbox, queue=False, api_visibility="private")
+    # Stop and Clear cancel the turn, not the event: the generator ends within one decode step with
+    # a last update of its own (the statistics, or nothing after Clear), so no late update can
+    # overwrite them, and the input unlocks when it is really done.
+    textbox.stop(stop, None, chatbot, queue=False, api_visibility="private")
     chatbot.undo(undo, chatbot, [chatbot, textbox], queue=False, api_visibility="private")
-    def clear(request: gr.Request) -> None:
-        session.running.stop(request.session_hash)
 
-    chatbot.clear(clear, None, None, cancels=respond_events, queue=False, api_visibility="private")
+    def clear(request: gr.Request) -> None:
+        session.running.stop(request.session_hash, discard=True)
+
+    chatbot.clear(clear, None, None, queue=False, api_visibility="private")
 
     # The /chat API: message first, every setting optional; each client session keeps its conversation.
     api_message = gr.Textbox(visible=False)

@@ -125,6 +125,7 @@ class Turn:
     thinking: bool
     reply: Reply = field(default_factory=Reply)
     cancel: threading.Event = field(default_factory=threading.Event)
+    discarded: bool = False  # the chat was cleared: show nothing more of this turn
 
     def messages(self, note: dict | None = None) -> list[dict]:
         """The chat as it should look now; `note` replaces the reply (a status line)."""
@@ -149,8 +150,9 @@ class RunningTurns:
         with self._lock:
             previous = self._turns.get(session)
             self._turns[session] = turn
-        if previous is not None:
-            previous.cancel.set()  # a session answers one turn at a time
+        if previous is not None:  # a session answers one turn at a time: the new one replaces it
+            previous.discarded = True
+            previous.cancel.set()
         try:
             yield turn
         finally:
@@ -158,10 +160,12 @@ class RunningTurns:
                 if self._turns.get(session) is turn:
                     del self._turns[session]
 
-    def stop(self, session: str) -> Turn | None:
-        """Cancel the session's running turn and return it (None when nothing runs)."""
+    def stop(self, session: str, discard: bool = False) -> Turn | None:
+        """Cancel the session's running turn (and hide the rest of it when `discard`); return it,
+        or None when nothing runs."""
         with self._lock:
             turn = self._turns.get(session)
         if turn is not None:
+            turn.discarded = turn.discarded or discard
             turn.cancel.set()
         return turn

@@ -142,9 +142,12 @@ def test_retry_undo_edit_and_clear(chat):
     chat.answer_once("Second question")
     assert chat.user_messages() == ["First question", "Second question"]
 
+    last_reply = chat.page.get_by_test_id("bot").last
+    first_answer = last_reply.inner_text()
     chat.page.get_by_label("Retry").last.click()
-    chat.wait_until_idle()
+    expect(last_reply).not_to_have_text(first_answer, timeout=30_000)  # sampled anew
     expect(chat.stats()).to_have_count(2, timeout=60_000)
+    chat.wait_until_idle()
     assert chat.user_messages() == ["First question", "Second question"]
 
     chat.page.get_by_label("Undo").last.click()

@@ -1,0 +1,16 @@
+"""The benchmark scripts run (tiny sizes), so that they cannot rot between measurements."""
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_classification_benchmark_runs_at_tiny_size():
+    result = subprocess.run([sys.executable, "bench/bench_classify.py", "--tiny", "--repeats", "1", "--rounds", "1"],
+                            cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = [line for line in result.stdout.splitlines() if line.startswith("| ours") or line.startswith("| transformers")]
+    assert len(rows) == 3 and all(len(row.split("|")) == 5 for row in rows)
