@@ -2,7 +2,9 @@
 
     python bench/bench_vl_processor.py [--repeat 3] [--threads N]
 
-Each case runs in a fresh process so its peak RSS (minus the RSS before the case) is its own.
+Each case runs in a fresh process so its peak RSS (minus the RSS before the case) is its own;
+times are the best of --repeat runs, the video's peak RSS is exact only with --repeat 1 (later
+repeats start after the step-by-step pass, which holds extra frame copies).
 The video is written once (H.264, 30 fps) to a temporary folder; sampling is the default 2 fps.
 """
 from __future__ import annotations
