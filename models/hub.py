@@ -31,6 +31,14 @@ ERNIE_M_FILES = [
     "special_tokens_map.json",
 ]
 PICKLED_WEIGHTS = ["pytorch_model.bin", "pytorch_model.bin.index.json", "pytorch_model-*.bin"]
+# ERNIE 4.5 VL repos: the text checkpoint's files plus the image/video processor configs and the
+# font the video processor draws timestamps with.
+VL_FILES = CHECKPOINT_FILES + [
+    "preprocessor_config.json",
+    "video_preprocessor_config.json",
+    "processor_config.json",
+    "*.ttf",
+]
 
 
 def checkpoint_files(config: dict) -> tuple[list[str], list[str]]:
@@ -38,6 +46,8 @@ def checkpoint_files(config: dict) -> tuple[list[str], list[str]]:
     architecture = (config.get("architectures") or [""])[0]
     if architecture.startswith("ErnieM"):
         return ERNIE_M_FILES, PICKLED_WEIGHTS
+    if architecture.startswith("Ernie4_5_VL"):
+        return VL_FILES, []
     return CHECKPOINT_FILES, []
 
 

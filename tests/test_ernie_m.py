@@ -176,7 +176,8 @@ def test_hub_fetches_the_family_files(tmp_path, monkeypatch):
     has no safetensors; a text repo fetches what it did before."""
     import huggingface_hub
 
-    configs = {"ernie-m": {"architectures": ["ErnieMForSequenceClassification"]}, "text": {"architectures": ["Ernie4_5ForCausalLM"]}}
+    configs = {"ernie-m": {"architectures": ["ErnieMForSequenceClassification"]}, "text": {"architectures": ["Ernie4_5ForCausalLM"]},
+               "vl": {"architectures": ["Ernie4_5_VLMoeForConditionalGeneration"]}}
     fetched = []
 
     def hf_hub_download(repo_id, filename, revision=None):
@@ -192,7 +193,11 @@ def test_hub_fetches_the_family_files(tmp_path, monkeypatch):
     monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
     models.hub.resolve_checkpoint("ernie-m")
     models.hub.resolve_checkpoint("text")
-    assert fetched == [("ernie-m", models.hub.ERNIE_M_FILES), ("ernie-m", models.hub.PICKLED_WEIGHTS), ("text", models.hub.CHECKPOINT_FILES)]
+    models.hub.resolve_checkpoint("vl")
+    assert fetched == [("ernie-m", models.hub.ERNIE_M_FILES), ("ernie-m", models.hub.PICKLED_WEIGHTS),
+                       ("text", models.hub.CHECKPOINT_FILES), ("vl", models.hub.VL_FILES)]
+    for name in ("preprocessor_config.json", "video_preprocessor_config.json", "*.ttf", "*.safetensors"):
+        assert name in models.hub.VL_FILES
     for name in ("vocab.txt", "sentencepiece.bpe.model", "tokenizer_config.json", "special_tokens_map.json", "config.json"):
         assert name in models.hub.ERNIE_M_FILES
     (tmp_path / "ernie-m" / "model.safetensors").write_bytes(b"")
