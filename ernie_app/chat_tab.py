@@ -1,4 +1,5 @@
-"""The Chat tab: multi-turn streaming chat with the ERNIE 4.5 text models, and the `/chat` API.
+"""The Chat and Image tabs: multi-turn streaming chat with the ERNIE 4.5 text models, or with the
+VL models about uploaded images, and their `/chat` and `/image` APIs.
 
 Built from plain Blocks events rather than gr.ChatInterface, so that a refused message or a failed
 generation leaves the page as it was (toast, conversation unchanged, input usable) and Stop keeps
@@ -8,21 +9,31 @@ it) -> respond (queued, streams) -> unlock the input, which runs whatever happen
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import gradio as gr
 
 from .engine import Sampling, UserError, sampling_defaults, stream_reply
 from .manager import ModelManager
-from .registry import CHAT, models_for
-from .turns import RunningTurns, Turn, check_message, conversation, message_text, refuse, status
+from .registry import CHAT, VISION, models_for
+from .turns import RunningTurns, Turn, check_message, conversation, message_files, message_text, refuse, status
 
 SLOT_WAIT_SECONDS = 0.5
-EXAMPLES = [
-    "Write a haiku about the sea at night.",
-    "用三句话介绍一下文心一言。",
-    "Explain the difference between a list and a tuple in Python.",
-    "What should I see in Beijing in one day?",
-]
+ASSETS = Path(__file__).resolve().parent.parent / "assets"
+EXAMPLES = {
+    CHAT: [{"text": text} for text in (
+        "Write a haiku about the sea at night.",
+        "用三句话介绍一下文心一言。",
+        "Explain the difference between a list and a tuple in Python.",
+        "What should I see in Beijing in one day?",
+    )],
+    VISION: [
+        {"text": "What is shown in this picture?", "files": [str(ASSETS / "shapes.png")]},
+        {"text": "这张图表说明了什么？", "files": [str(ASSETS / "chart.png")]},
+        {"text": "What differs between the two pictures?", "files": [str(ASSETS / "shapes.png"), str(ASSETS / "chart.png")]},
+    ],
+}
+PLACEHOLDERS = {CHAT: "Message ERNIE…", VISION: "Attach images and ask about them…"}
 BUSY = {"interactive": False, "submit_btn": False, "stop_btn": True}
 IDLE = {"interactive": True, "submit_btn": True, "stop_btn": False}
 
@@ -30,16 +41,18 @@ IDLE = {"interactive": True, "submit_btn": True, "stop_btn": False}
 class ChatSession:
     """Answers chat turns for the tab and the API: settings checks, loading notes, slots."""
 
-    def __init__(self, manager: ModelManager, max_context: int) -> None:
+    def __init__(self, manager: ModelManager, max_context: int, task: str = CHAT) -> None:
         self.manager = manager
+        self.task = task
         self.max_context = max_context
         self.running = RunningTurns()
 
-    def stream(self, turn: Turn, text: str, model_name: str, system_prompt: str, settings: tuple,
+    def stream(self, turn: Turn, content, model_name: str, system_prompt: str, settings: tuple,
                progress: Callable[[float, str], None] | None = None) -> Iterator[list[dict]]:
-        """Yield the chat as the reply to `text` grows; raises the REFUSALS with user messages."""
-        if model_name not in self.manager.registry:
-            raise UserError(f"Unknown model {model_name!r}. Choose one of: {', '.join(self.manager.registry)}.")
+        """Yield the chat as the reply to `content` (the new user entry's) grows; raises the
+        REFUSALS with user messages."""
+        if model_name not in self.manager.registry or self.manager.registry[model_name].task != self.task:
+            raise UserError(f"Unknown model {model_name!r}. Choose one of: {', '.join(models_for(self.manager.registry, self.task))}.")
         sampling = make_sampling(*settings)
         history = turn.history[:-1]  # what came before the new user message
         if all(m.spec.name != model_name for m in self.manager.loaded()):
@@ -50,7 +63,7 @@ class ChatSession:
                     return
                 yield turn.messages(status(f"⏳ Waiting for a free slot on {model_name}…"))
             try:
-                messages = conversation(history, system_prompt or "", text)
+                messages = conversation(history, system_prompt or "", content, with_media=self.task == VISION)
                 for reply in stream_reply(loaded, messages, sampling, cancel=turn.cancel, max_context=self.max_context):
                     turn.reply = reply
                     yield turn.messages()
@@ -71,18 +84,26 @@ def last_user_index(history: list[dict]) -> int | None:
     return next((i for i in range(len(history) - 1, -1, -1) if history[i].get("role") == "user"), None)
 
 
-def build_chat_tab(manager: ModelManager, default_model: str, max_context: int, concurrency_limit: int) -> None:
-    """Render the Chat tab inside the current Blocks context."""
-    session = ChatSession(manager, max_context)
+def build_chat_tab(manager: ModelManager, default_model: str, max_context: int, concurrency_limit: int,
+                   task: str = CHAT) -> None:
+    """Render the Chat tab (task CHAT) or the Image tab (task VISION: a multimodal input, the VL
+    models) inside the current Blocks context."""
+    session = ChatSession(manager, max_context, task)
     specs = manager.registry
-    model = gr.Dropdown([(specs[name].label, name) for name in models_for(specs, CHAT)], value=default_model, label="Model")
+    media = task == VISION
+    model = gr.Dropdown([(specs[name].label, name) for name in models_for(specs, task)], value=default_model, label="Model")
     chatbot = gr.Chatbot(
         height=560, editable="user", buttons=["copy", "copy_all"], layout="bubble", show_label=False,
-        placeholder="Ask ERNIE anything. The model loads on first use.",
-        examples=[{"text": example} for example in EXAMPLES],
+        placeholder="Attach one or more images and ask about them; follow-up questions see them too."
+        if media else "Ask ERNIE anything. The model loads on first use.",
+        examples=EXAMPLES[task],
     )
-    textbox = gr.Textbox(show_label=False, placeholder="Message ERNIE…", submit_btn=True, stop_btn=False,
-                         autofocus=True, lines=1, max_lines=8)
+    box_options = dict(show_label=False, placeholder=PLACEHOLDERS[task], submit_btn=True, stop_btn=False, autofocus=not media,
+                       lines=1, max_lines=8)
+    if media:
+        textbox = gr.MultimodalTextbox(file_types=["image"], file_count="multiple", **box_options)
+    else:
+        textbox = gr.Textbox(**box_options)
     defaults = sampling_defaults(manager.generation_defaults(default_model))
     with gr.Accordion("Sampling settings", open=False):
         system_prompt = gr.Textbox("", label="System prompt", lines=2, placeholder="You are a helpful assistant.")
@@ -98,50 +119,60 @@ def build_chat_tab(manager: ModelManager, default_model: str, max_context: int, 
     settings = [max_new_tokens, *sliders, seed, stop_sequences]
     model.change(lambda name: list(sampling_defaults(manager.generation_defaults(name)).values()), model, sliders,
                  api_visibility="private")
-    pending = gr.State(None)  # the message a prepare step accepted, for respond
+    pending = gr.State(None)  # the user entry's content a prepare step accepted, for respond
+
+    def entry(text: str, files: list[str]):
+        """A user entry's content: the text, after the images when there are any."""
+        return [*({"path": path} for path in files), text] if files else text
+
+    def box(content):
+        """The input box holding `content` again (to edit and resend)."""
+        return {"text": message_text(content), "files": message_files(content)} if media else message_text(content)
 
     def accept(message, history):
         try:
             text = check_message(message)
         except UserError as error:
             gr.Warning(refuse(error, "message"))
-            box = gr.skip() if message_text(message).strip() else gr.update(value="")  # kept to edit, unless blank
-            return box, gr.skip(), None
-        return gr.update(value="", **BUSY), [*history, {"role": "user", "content": text}], text
+            keep = gr.skip() if message_text(message).strip() else gr.update(value=None)  # kept to edit, unless blank
+            return keep, gr.skip(), None
+        content = entry(text, message_files(message))
+        return gr.update(value=None, **BUSY), [*history, {"role": "user", "content": content}], content
 
     def retry(history):
         index = last_user_index(history)
         if index is None:
             return gr.skip(), gr.skip(), None
-        return gr.update(**BUSY), history[: index + 1], message_text(history[index]["content"])
+        return gr.update(**BUSY), history[: index + 1], history[index]["content"]
 
     def edit(history, edit_data: gr.EditData):
-        before = history[: edit_data.index]
+        before, files = history[: edit_data.index], message_files(history[edit_data.index]["content"])
         try:
             text = check_message(edit_data.value)
         except UserError as error:
             gr.Warning(refuse(error, "edit"))
-            return gr.skip(), [*before, {"role": "user", "content": edit_data.previous_value}], None
-        return gr.update(**BUSY), [*before, {"role": "user", "content": text}], text
+            return gr.skip(), [*before, {"role": "user", "content": entry(message_text(edit_data.previous_value), files)}], None
+        content = entry(text, files)
+        return gr.update(**BUSY), [*before, {"role": "user", "content": content}], content
 
     def example(history, selected: gr.SelectData):
-        return accept(selected.value["text"], history)
+        return accept(selected.value, history)
 
-    def respond(text, history, model_name, system, max_new_tokens, temperature, top_p, top_k, repetition_penalty,
+    def respond(content, history, model_name, system, max_new_tokens, temperature, top_p, top_k, repetition_penalty,
                 seed, stop_sequences, request: gr.Request, progress=gr.Progress(track_tqdm=True)):
-        if text is None:  # the prepare step refused: leave everything as it is
+        if content is None:  # the prepare step refused: leave everything as it is
             yield gr.skip(), gr.skip()
             return
         turn = Turn(history, thinking=model_name in specs and specs[model_name].thinking)
         values = (max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed, stop_sequences)
         try:
             with session.running.track(request.session_hash, turn):
-                for messages in session.stream(turn, text, model_name, system, values,
+                for messages in session.stream(turn, content, model_name, system, values,
                                                lambda fraction, note: progress(fraction, desc=note)):
                     yield gr.skip() if turn.discarded else messages, gr.skip()
         except Exception as error:  # the conversation and the message go back as they were
-            gr.Warning(refuse(error, "chat"))
-            yield history[:-1], gr.update(value=text)
+            gr.Warning(refuse(error, task))
+            yield history[:-1], gr.update(value=box(content))
 
     def stop(request: gr.Request):
         turn = session.running.stop(request.session_hash)
@@ -152,7 +183,7 @@ def build_chat_tab(manager: ModelManager, default_model: str, max_context: int, 
         index = last_user_index(history)
         if index is None:
             return gr.skip(), gr.skip()
-        return history[:index], gr.update(value=message_text(history[index]["content"]))
+        return history[:index], gr.update(value=box(history[index]["content"]))
 
     for trigger, prepare, inputs in [
         (textbox.submit, accept, [textbox, chatbot]),
@@ -165,7 +196,7 @@ def build_chat_tab(manager: ModelManager, default_model: str, max_context: int, 
                            show_progress="hidden", api_visibility="private")
         prepared.then(
             respond, [pending, chatbot, model, system_prompt, *settings], [chatbot, textbox],
-            concurrency_limit=concurrency_limit, concurrency_id="chat", show_progress="minimal", show_progress_on=chatbot,
+            concurrency_limit=concurrency_limit, concurrency_id=task, show_progress="minimal", show_progress_on=chatbot,
             api_visibility="private",
         ).then(lambda: gr.update(**IDLE), None, textbox, queue=False, api_visibility="private")
     # Stop and Clear cancel the turn, not the event: the generator ends within one decode step with
@@ -178,29 +209,59 @@ def build_chat_tab(manager: ModelManager, default_model: str, max_context: int, 
         session.running.stop(request.session_hash, discard=True)
 
     chatbot.clear(clear, None, None, queue=False, api_visibility="private")
+    if media:
+        build_image_api(session, specs, model, system_prompt, settings, concurrency_limit)
+    else:
+        build_chat_api(session, specs, model, system_prompt, settings, concurrency_limit)
 
-    # The /chat API: message first, every setting optional; each client session keeps its conversation.
-    api_message = gr.Textbox(visible=False)
-    api_history = gr.State([])
-    api_response = gr.JSON(visible=False)
 
+def api_stream(session: ChatSession, specs: dict, history: list[dict], content, model_name: str, system_prompt: str,
+               values: tuple, where: str) -> Iterator[tuple]:
+    """Stream one API turn as (the reply's messages, the session's conversation at the end);
+    failures become gr.Error with the user's message."""
+    try:
+        check_message(content)
+        turn = Turn([*history, {"role": "user", "content": content}], thinking=model_name in specs and specs[model_name].thinking)
+        messages = turn.messages()
+        for messages in session.stream(turn, content, model_name, system_prompt, values):
+            yield messages[len(history) + 1:], gr.skip()
+    except Exception as error:
+        raise gr.Error(refuse(error, where), print_exception=False) from None
+    yield messages[len(history) + 1:], messages
+
+
+def build_chat_api(session: ChatSession, specs: dict, model, system_prompt, settings: list, concurrency_limit: int) -> None:
+    """/chat: message first, every setting optional; each client session keeps its conversation."""
     def chat(message: str, history: list[dict], model_name: str, system_prompt: str = "", max_new_tokens: int = 512,
              temperature: float | None = None, top_p: float | None = None, top_k: int | None = None,
              repetition_penalty: float | None = None, seed: int | None = None, stop_sequences: str = ""):
         """Chat with an ERNIE 4.5 text model; streams the reply as chat messages."""
-        try:
-            text = check_message(message)
-            turn = Turn([*history, {"role": "user", "content": text}],
-                        thinking=model_name in specs and specs[model_name].thinking)
-            values = (max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed, stop_sequences)
-            messages = turn.messages()
-            for messages in session.stream(turn, text, model_name, system_prompt, values):
-                yield messages[len(history) + 1:], gr.skip()
-        except Exception as error:
-            raise gr.Error(refuse(error, "/chat"), print_exception=False) from None
-        yield messages[len(history) + 1:], messages
+        values = (max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed, stop_sequences)
+        yield from api_stream(session, specs, history, message, model_name, system_prompt, values, "/chat")
 
+    api_history = gr.State([])
     gr.Button(visible=False).click(
-        chat, [api_message, api_history, model, system_prompt, *settings], [api_response, api_history],
-        api_name="chat", concurrency_limit=concurrency_limit, concurrency_id="chat", postprocess=False,
+        chat, [gr.Textbox(visible=False), api_history, model, system_prompt, *settings], [gr.JSON(visible=False), api_history],
+        api_name="chat", concurrency_limit=concurrency_limit, concurrency_id=CHAT, postprocess=False,
+    )
+
+
+def build_image_api(session: ChatSession, specs: dict, model, system_prompt, settings: list, concurrency_limit: int) -> None:
+    """/image: an image file (or none, to ask more about the earlier ones) and a question first, every
+    setting optional; each client session keeps its conversation and its images."""
+    def image(image: str | None, question: str, history: list[dict], model_name: str, system_prompt: str = "",
+              max_new_tokens: int = 512, temperature: float | None = None, top_p: float | None = None,
+              top_k: int | None = None, repetition_penalty: float | None = None, seed: int | None = None,
+              stop_sequences: str = ""):
+        """Ask an ERNIE 4.5 VL model about an image; streams the reply as chat messages."""
+        values = (max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed, stop_sequences)
+        content = [{"path": image}, question] if image else question
+        yield from api_stream(session, specs, history, content, model_name, system_prompt, values, "/image")
+
+    api_history = gr.State([])
+    gr.Button(visible=False).click(
+        image, [gr.File(type="filepath", visible=False), gr.Textbox(visible=False), api_history, model, system_prompt,
+                *settings],
+        [gr.JSON(visible=False), api_history], api_name="image", concurrency_limit=concurrency_limit,
+        concurrency_id=VISION, postprocess=False,
     )

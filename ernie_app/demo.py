@@ -8,9 +8,9 @@ import urllib.request
 from dataclasses import replace
 from pathlib import Path
 
-from models.factory import GENERATION_CONFIG, tiny_config, write_checkpoint, write_ernie_m_checkpoint
+from models.factory import GENERATION_CONFIG, tiny_config, write_checkpoint, write_ernie_m_checkpoint, write_vl_processor_files
 
-from .registry import CLASSIFY, DEFAULT_MODELS, ModelSpec
+from .registry import CLASSIFY, DEFAULT_MODELS, VISION, ModelSpec
 
 DEMO_VERSION = "v2"  # bump when the demo checkpoints change, so stale caches are not reused
 # The thinking demo samples differently from the others (the demo's own choice), so that the
@@ -32,6 +32,10 @@ def write_demo_checkpoint(folder: Path, spec: ModelSpec, seed: int) -> None:
     """A tiny random checkpoint of the built-in model `spec`'s family, in its official layout."""
     if spec.task == CLASSIFY:
         write_ernie_m_checkpoint(folder, seed=seed)
+        return
+    if spec.task == VISION:
+        write_checkpoint(folder, tiny_config("vl"), seed=seed)
+        write_vl_processor_files(folder)
         return
     write_checkpoint(folder, tiny_config("moe" if "21B" in spec.name else "dense"), seed=seed)
     if spec.thinking:

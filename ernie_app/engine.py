@@ -114,6 +114,21 @@ STOP_REASONS = {
 }
 
 
+MEDIA_INPUTS = ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw")
+
+
+def encode_prompt(loaded: LoadedModel, messages: list[dict], video_options: dict) -> tuple[list[int], dict]:
+    """Prompt token ids and the media tensors `generate` takes (none for text models). Bad
+    messages or media (the processor's MediaError is a ValueError) become UserErrors."""
+    try:
+        if loaded.processor is None:
+            return loaded.tokenizer.encode(loaded.tokenizer.apply_chat_template(messages, add_generation_prompt=True)), {}
+        inputs = loaded.processor.apply_chat_template(messages, enable_thinking=loaded.spec.thinking, **video_options)
+    except ValueError as error:
+        raise UserError(str(error)) from None
+    return inputs["input_ids"][0].tolist(), {key: inputs[key] for key in MEDIA_INPUTS if key in inputs}
+
+
 def stop_token_ids(loaded: LoadedModel) -> set[int]:
     """eos ids of generation_config and config, and `<|end_of_sentence|>` (the template's end of
     an assistant turn)."""
@@ -131,13 +146,12 @@ def stream_reply(
     sampling: Sampling,
     cancel: threading.Event | None = None,
     max_context: int = DEFAULT_MAX_CONTEXT,
+    video_options: dict | None = None,
 ) -> Iterator[Reply]:
-    """Yield the growing reply to `messages` ([{"role", "content"}], last one from the user)."""
-    try:
-        prompt = loaded.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
-    except ValueError as error:
-        raise UserError(str(error)) from None
-    ids = loaded.tokenizer.encode(prompt)
+    """Yield the growing reply to `messages` ([{"role", "content"}], last one from the user;
+    for VL models content may be a list of text / image / video parts, and `video_options`
+    (fps, max_frames) tune the video sampling)."""
+    ids, media = encode_prompt(loaded, messages, video_options or {})
     context = min(max_context, loaded.model.config.max_position_embeddings)
     if len(ids) >= context:
         raise UserError(
@@ -150,7 +164,8 @@ def stream_reply(
     # Stop tokens never reach the decoder; other special tokens stay visible, since a thinking
     # model's <think>/</think> may be special tokens and the reasoning parser needs them.
     decoder = loaded.tokenizer.stream_decoder(skip_special_tokens=False)
-    tokens = generate(loaded.model, ids, budget, eos_token_ids=sorted(stops), **sampling.resolved(loaded.generation_config))
+    tokens = generate(loaded.model, ids, budget, eos_token_ids=sorted(stops), **sampling.resolved(loaded.generation_config),
+                      **media)
     try:
         while True:
             if cancel is not None and cancel.is_set():

@@ -23,7 +23,7 @@ import torch
 
 from torch import nn
 
-from models import load_model, load_tokenizer
+from models import load_model, load_processor, load_tokenizer
 from models.factory import GENERATION_CONFIG
 from models.hub import resolve_checkpoint
 from models.loader import default_dtype, model_class, read_config, weight_files
@@ -48,6 +48,7 @@ class LoadedModel:
     placement: str
     weight_bytes: int
     slots: threading.BoundedSemaphore
+    processor: object | None = None  # the VL models' image/video processor
     step_lock: threading.Lock = field(default_factory=threading.Lock)
     users: int = 0
 
@@ -219,11 +220,12 @@ class ModelManager:
         started = time.perf_counter()
         model = load_model(folder, device=placement)
         tokenizer = load_tokenizer(folder)
+        processor = load_processor(folder) if getattr(model, "takes_media", False) else None
         config_path = folder / "generation_config.json"
         generation_config = json.loads(config_path.read_text()) if config_path.is_file() else {}
         weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
         progress(1.0, f"Loaded {spec.name} in {time.perf_counter() - started:.1f} s")
         return LoadedModel(
             spec, model, tokenizer, generation_config, where, weight_bytes,
-            slots=threading.BoundedSemaphore(self.max_concurrency),
+            slots=threading.BoundedSemaphore(self.max_concurrency), processor=processor,
         )

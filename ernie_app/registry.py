@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 
-CHAT, CLASSIFY = "chat", "classify"  # the tab that offers a model
+CHAT, VISION, CLASSIFY = "chat", "vision", "classify"  # the tabs that offer a model
 
 
 @dataclass(frozen=True)
@@ -34,6 +34,8 @@ DEFAULT_MODELS = [
     ModelSpec("ERNIE-4.5-0.3B-PT", "baidu/ERNIE-4.5-0.3B-PT", params_b=0.36),
     ModelSpec("ERNIE-4.5-21B-A3B-PT", "baidu/ERNIE-4.5-21B-A3B-PT", params_b=21.8),
     ModelSpec("ERNIE-4.5-21B-A3B-Thinking", "baidu/ERNIE-4.5-21B-A3B-Thinking", params_b=21.8, thinking=True),
+    ModelSpec("ERNIE-4.5-VL-28B-A3B-PT", "baidu/ERNIE-4.5-VL-28B-A3B-PT", VISION, params_b=29.4),
+    ModelSpec("ERNIE-4.5-VL-28B-A3B-Thinking", "baidu/ERNIE-4.5-VL-28B-A3B-Thinking", VISION, params_b=29.4, thinking=True),
     ModelSpec("ernie-m-large-mnli-xnli", "MoritzLaurer/ernie-m-large-mnli-xnli", CLASSIFY, params_b=0.56),
     ModelSpec("ernie-m-base-mnli-xnli", "MoritzLaurer/ernie-m-base-mnli-xnli", CLASSIFY, params_b=0.28),
 ]
@@ -48,7 +50,7 @@ def parse_model_entries(text: str) -> list[ModelSpec]:
     """Parse `--models` / ERNIE_STUDIO_MODELS: comma-separated `NAME=SOURCE` or bare `SOURCE`
     entries, where SOURCE is a hub id or a local folder. A NAME of a built-in model points it at
     SOURCE (e.g. a local copy); other names add models. Sizes and tabs of new entries are guessed
-    from the name ("21B" → MoE size, "ernie-m" → classification)."""
+    from the name ("21B" → MoE size, "-VL-" → image and video, "ernie-m" → classification)."""
     specs = []
     for entry in filter(None, (e.strip() for e in text.split(","))):
         name, _, source = entry.rpartition("=")
@@ -58,9 +60,10 @@ def parse_model_entries(text: str) -> list[ModelSpec]:
         if builtin is not None:
             specs.append(replace(builtin, source=source))
         else:
-            big = "21B" in name or "21B" in source
-            task = CLASSIFY if "ernie-m" in f"{name} {source}".lower() else CHAT
-            specs.append(ModelSpec(name, source, task, params_b=21.8 if big else 0.36, thinking="Thinking" in name))
+            both = f"{name} {source}"
+            task = CLASSIFY if "ernie-m" in both.lower() else VISION if "-VL-" in both else CHAT
+            size = 29.4 if task == VISION else 21.8 if "21B" in both else 0.36
+            specs.append(ModelSpec(name, source, task, params_b=size, thinking="Thinking" in name))
     return specs
 
 

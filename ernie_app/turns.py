@@ -50,6 +50,30 @@ def message_text(content) -> str:
     return ""
 
 
+def message_files(content) -> list[str]:
+    """Paths of the files in a chat history entry (Gradio's file parts) or a multimodal input."""
+    if isinstance(content, dict):
+        if content.get("type") == "file":
+            return [content["file"]["path"]]
+        if content.get("path"):
+            return [content["path"]]
+        # a multimodal input box's value: {"text", "files": [path or {"path"}]}
+        return [f if isinstance(f, str) else f["path"] for f in content.get("files") or []]
+    if isinstance(content, (list, tuple)):
+        return [path for part in content for path in message_files(part)]
+    return []
+
+
+def model_content(content, with_media: bool):
+    """What the model is sent for a history entry: its text, or for VL models its images (as
+    image parts, in order) followed by its text."""
+    text = message_text(content)
+    files = message_files(content) if with_media else []
+    if not files:
+        return text
+    return [*({"type": "image", "image": path} for path in files), *([{"type": "text", "text": text}] if text else [])]
+
+
 def check_message(message) -> str:
     """The text of a new message, or a UserError saying why it is refused."""
     text = message_text(message)
@@ -65,14 +89,14 @@ def is_display_only(entry: dict) -> bool:
     return bool((entry.get("metadata") or {}).get("title"))
 
 
-def conversation(history: list[dict], system_prompt: str, message: str) -> list[dict]:
-    """Model messages from the visible chat history plus the new user message."""
+def conversation(history: list[dict], system_prompt: str, message, with_media: bool = False) -> list[dict]:
+    """Model messages from the visible chat history plus the new user message (text, or a
+    history entry's content); images go along only `with_media`."""
     messages = [{"role": "system", "content": system_prompt.strip()}] if system_prompt.strip() else []
-    for entry in history:
-        text = message_text(entry.get("content"))
-        if entry.get("role") in ("user", "assistant") and text and not is_display_only(entry):
-            messages.append({"role": entry["role"], "content": text})
-    messages.append({"role": "user", "content": message})
+    for entry in [*history, {"role": "user", "content": message}]:
+        content = model_content(entry.get("content"), with_media)
+        if entry.get("role") in ("user", "assistant") and content and not is_display_only(entry):
+            messages.append({"role": entry["role"], "content": content})
     return messages
 
 

@@ -6,7 +6,7 @@ import gradio as gr
 from .chat_tab import build_chat_tab
 from .classify_tab import build_classify_tab
 from .manager import ModelManager
-from .registry import CLASSIFY, models_for
+from .registry import CLASSIFY, VISION, models_for
 
 TITLE = "ERNIE 4.5 Studio"
 INTRO = "Run and try Baidu's ERNIE models in your browser, on our own PyTorch implementations."
@@ -25,6 +25,10 @@ def build_app(
             gr.Markdown(f"> ⚠️ {notice}")
         with gr.Tab("Chat"):
             build_chat_tab(manager, default_model, max_context, concurrency_limit)
+        if models_for(manager.registry, VISION):
+            with gr.Tab("Image"):
+                vision = models_for(manager.registry, VISION)
+                build_chat_tab(manager, vision[0], max_context, concurrency_limit, task=VISION)
         if models_for(manager.registry, CLASSIFY):
             with gr.Tab("Multilingual classification"):
                 build_classify_tab(manager, concurrency_limit)

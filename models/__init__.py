@@ -1,6 +1,7 @@
 """ERNIE 4.5 (dense, MoE, VL) and ErnieM in plain PyTorch, loading the official hub checkpoints (no transformers)."""
 from .ernie4_5 import Ernie45Config, Ernie45ForCausalLM
 from .ernie4_5_vl import Ernie45VLConfig, Ernie45VLForConditionalGeneration
+from .ernie4_5_vl_processor import Ernie45VLProcessor, load_processor
 from .ernie_m import ErnieMConfig, ErnieMForSequenceClassification, ErnieMModel, ZeroShotResult, zero_shot_classify
 from .ernie_m_tokenizer import ErnieMTokenizer
 from .generation import generate, sample_token
@@ -14,6 +15,7 @@ __all__ = [
     "Ernie45ForCausalLM",
     "Ernie45VLConfig",
     "Ernie45VLForConditionalGeneration",
+    "Ernie45VLProcessor",
     "ErnieMConfig",
     "ErnieMForSequenceClassification",
     "ErnieMModel",
@@ -23,6 +25,7 @@ __all__ = [
     "ZeroShotResult",
     "generate",
     "load_model",
+    "load_processor",
     "load_tokenizer",
     "sample_token",
     "zero_shot_classify",

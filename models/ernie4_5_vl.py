@@ -284,6 +284,7 @@ class Ernie45VLForConditionalGeneration(Ernie45ForCausalLM):
     video_grid_thw)` returns logits [B, T, V]; the image/video tokens are found in `input_ids`."""
 
     config_class = Ernie45VLConfig
+    takes_media = True  # its prompts go through load_processor (images, videos), not the tokenizer alone
 
     def __init__(self, config: Ernie45VLConfig) -> None:
         super().__init__(config)

@@ -19,25 +19,12 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from .hub import resolve_checkpoint
+from .hub import VL_FILES, resolve_checkpoint
 from .media import ImageSource, MediaError, VideoInfo, load_image, read_video
 from .tokenizer import Tokenizer, load_tokenizer
 
-# What load_processor fetches from a hub repo: processor configs (v5 nested processor_config.json or
-# the per-processor files), tokenizer files, chat template and the timestamp font.
-PROCESSOR_FILES = [
-    "processor_config.json",
-    "preprocessor_config.json",
-    "video_preprocessor_config.json",
-    "tokenizer.json",
-    "tokenizer.model",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "added_tokens.json",
-    "chat_template.jinja",
-    "chat_template.json",
-    "*.ttf",
-]
+# What load_processor fetches from a hub repo: the VL files without the weights.
+PROCESSOR_FILES = [name for name in VL_FILES if "safetensors" not in name and name != "config.json"]
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 MAX_ASPECT_RATIO = 200

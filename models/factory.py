@@ -386,3 +386,71 @@ def write_ernie_m_checkpoint(directory: str | Path, config: dict | None = None, 
     for name, data in _ernie_m_tokenizer_files().items():
         (folder / name).write_bytes(data)
     return folder
+
+
+# ---- ERNIE 4.5 VL processor files -----------------------------------------------------------------
+
+# The shape of the HF v5 VL chat template (architecture.md §4.5; our own text, not the hub's): `User: ` + parts without separators,
+# numbered Picture / Video markers, a closed think block unless enable_thinking.
+VL_TEMPLATE = """\
+{%- set count = namespace(image=0, video=0) -%}
+{{- '<|begin_of_sentence|>' -}}
+{%- for message in messages -%}
+  {%- if message.role in ['system', 'user'] -%}
+    {%- if message.role == 'user' %}User: {% endif -%}
+    {%- if message.content is string -%}{{ message.content }}
+    {%- else -%}
+      {%- for part in message.content -%}
+        {%- if part.type == 'text' -%}{{ part.text }}
+        {%- elif part.type in ['image', 'image_url'] -%}
+          {%- set count.image = count.image + 1 -%}
+          Picture {{ count.image }}:<|IMAGE_START|><|IMAGE_PLACEHOLDER|><|IMAGE_END|>
+        {%- elif part.type in ['video', 'video_url'] -%}
+          {%- set count.video = count.video + 1 -%}
+          Video {{ count.video }}:<|VIDEO_START|><|VIDEO_PLACEHOLDER|><|VIDEO_END|>
+        {%- endif -%}
+      {%- endfor -%}
+    {%- endif -%}
+    {%- if message.role == 'system' %}{{ '\\n' }}{% endif -%}
+  {%- elif message.role == 'assistant' -%}
+    {{- '\\nAssistant: ' + message.content + '<|end_of_sentence|>' -}}
+  {%- endif -%}
+{%- endfor -%}
+{%- if add_generation_prompt -%}
+  {{- '\\nAssistant: ' -}}
+  {{- '<think>' if (enable_thinking is defined and enable_thinking) else '<think>\\n\\n</think>\\n\\n' -}}
+{%- endif -%}"""
+
+VL_FONT_NAME = "Roboto-Regular.ttf"
+
+
+def write_vl_processor_files(folder: str | Path, nested: bool = False) -> Path:
+    """The processor side of a VL repo: image and video processor configs (per-processor files,
+    or v5's nested processor_config.json) with the values transformers writes for the real
+    checkpoint, a TrueType font standing in for its Roboto (Pillow's bundled one), and the VL chat
+    template plus token names in tokenizer_config.json."""
+    from PIL import ImageFont
+
+    from .ernie4_5_vl_processor import TOKENS
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / VL_FONT_NAME).write_bytes(ImageFont.load_default(10).path.getvalue())
+    clip = {"image_mean": [0.48145466, 0.4578275, 0.40821073], "image_std": [0.26862954, 0.26130258, 0.27577711],
+            "rescale_factor": 1 / 255, "do_rescale": True, "do_normalize": True, "do_convert_rgb": True,
+            "resample": 3, "patch_size": 14, "merge_size": 2}
+    image = {**clip, "image_processor_type": "Ernie4_5_VLMoeImageProcessor", "temporal_patch_size": 1,
+             "size": {"shortest_edge": 56 * 56, "longest_edge": 6177 * 28 * 28}}
+    video = {**clip, "video_processor_type": "Ernie4_5_VLMoeVideoProcessor", "temporal_patch_size": 2,
+             "size": {"shortest_edge": 299 * 28 * 28, "longest_edge": 1196 * 28 * 28}, "min_frames": 16,
+             "max_frames": 180, "do_sample_frames": True, "draw_on_frames": True, "font": VL_FONT_NAME, "fps": None}
+    if nested:
+        (folder / "processor_config.json").write_text(json.dumps({"image_processor": image, "video_processor": video}))
+    else:
+        (folder / "preprocessor_config.json").write_text(json.dumps(image))
+        (folder / "video_preprocessor_config.json").write_text(json.dumps(video))
+    config_path = folder / "tokenizer_config.json"
+    config = json.loads(config_path.read_text()) if config_path.is_file() else {}
+    config.update(TOKENS, chat_template=VL_TEMPLATE)
+    config_path.write_text(json.dumps(config, indent=2, ensure_ascii=False))
+    return folder

@@ -44,8 +44,8 @@ def load_image(source: ImageSource) -> Image.Image:
         raise MediaError(f"Image file {name!r} was not found.") from None
     except Image.DecompressionBombError:
         raise MediaError(f"Image {name!r} is too large to open safely.") from None
-    except (OSError, SyntaxError, ValueError) as error:  # UnidentifiedImageError is an OSError
-        raise MediaError(f"{name!r} is not a readable image ({error}).") from None
+    except (OSError, SyntaxError, ValueError):  # UnidentifiedImageError is an OSError; its text names server paths
+        raise MediaError(f"{name!r} is not a readable image file (PNG, JPEG, WebP, GIF, ...).") from None
 
 
 @dataclass

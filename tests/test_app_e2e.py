@@ -7,9 +7,11 @@ import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import pytest
-from gradio_client import Client
+from PIL import Image
+from gradio_client import Client, handle_file
 from gradio_client.exceptions import AppError
 
 from ernie_app.manager import ModelManager
@@ -235,3 +237,34 @@ def test_classify_api_refuses_bad_requests_clearly(client, text, labels, templat
 def test_classify_api_truncates_long_text_and_merges_duplicate_labels(client):
     result = client.predict("word " * 10_000, "news, sports, News, sports", api_name="/classify")
     assert result["truncated"] is True and sorted(result["labels"]) == ["news", "sports"]
+
+
+ASSETS = Path(__file__).resolve().parent.parent / "assets"
+
+
+def vision_model(demo_registry) -> str:
+    return next(name for name, spec in demo_registry.items() if spec.task == "vision")
+
+
+def test_image_api_streams_answers_and_follow_ups_see_the_image(client, demo_registry):
+    name = vision_model(demo_registry)
+    updates = list(client.submit(handle_file(str(ASSETS / "shapes.png")), "What is shown here?", name, "", 16, 0.0,
+                                 api_name="/image"))
+    assert len(updates) > 3 and "tokens" in stats(updates[-1])  # streamed, then the statistics
+    follow_up = client.predict(None, "And its colours?", name, "", 12, 0.0, api_name="/image")
+    without_image = Client(client.src, verbose=False).predict(None, "And its colours?", name, "", 12, 0.0, api_name="/image")
+    assert answer(follow_up) != answer(without_image)  # the follow-up's prompt holds the image
+
+
+def test_image_api_refuses_bad_files_readably(client, demo_registry, tmp_path):
+    name = vision_model(demo_registry)
+    fake = tmp_path / "photo.png"
+    fake.write_text("this is not an image")
+    with pytest.raises(AppError, match="image") as refused:
+        client.predict(handle_file(str(fake)), "What is it?", name, api_name="/image")
+    assert "Error" not in str(refused.value) and "Traceback" not in str(refused.value)
+    strip = tmp_path / "strip.png"
+    Image.new("RGB", (10000, 3)).save(strip)
+    with pytest.raises(AppError, match="aspect|ratio|narrow|wide"):
+        client.predict(handle_file(str(strip)), "What is it?", name, api_name="/image")
+    assert stats(client.predict(handle_file(str(ASSETS / "chart.png")), "Still fine?", name, "", 4, 0.0, api_name="/image"))

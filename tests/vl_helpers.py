@@ -20,50 +20,19 @@ from pathlib import Path
 import av
 import numpy as np
 import torch
-from PIL import Image, ImageFont
+from PIL import Image
 from tokenizers import AddedToken
 from tokenizers import Tokenizer as Backend
 
 from models.ernie4_5_vl_processor import TOKENS
-from models.factory import write_tokenizer_files
+from models.factory import VL_FONT_NAME, VL_TEMPLATE, write_tokenizer_files, write_vl_processor_files
 
 VL_SPECIAL_TOKENS = [
     TOKENS["image_token"], TOKENS["image_start_token"], TOKENS["image_end_token"],
     TOKENS["video_start_token"], TOKENS["video_end_token"], TOKENS["video_token"], "<think>", "</think>",
 ]
 
-# The shape of the HF v5 VL template (architecture.md §4.5): `User: ` + parts without separators,
-# numbered Picture / Video markers, a closed think block unless enable_thinking.
-VL_TEMPLATE = """\
-{%- set count = namespace(image=0, video=0) -%}
-{{- '<|begin_of_sentence|>' -}}
-{%- for message in messages -%}
-  {%- if message.role in ['system', 'user'] -%}
-    {%- if message.role == 'user' %}User: {% endif -%}
-    {%- if message.content is string -%}{{ message.content }}
-    {%- else -%}
-      {%- for part in message.content -%}
-        {%- if part.type == 'text' -%}{{ part.text }}
-        {%- elif part.type in ['image', 'image_url'] -%}
-          {%- set count.image = count.image + 1 -%}
-          Picture {{ count.image }}:<|IMAGE_START|><|IMAGE_PLACEHOLDER|><|IMAGE_END|>
-        {%- elif part.type in ['video', 'video_url'] -%}
-          {%- set count.video = count.video + 1 -%}
-          Video {{ count.video }}:<|VIDEO_START|><|VIDEO_PLACEHOLDER|><|VIDEO_END|>
-        {%- endif -%}
-      {%- endfor -%}
-    {%- endif -%}
-    {%- if message.role == 'system' %}{{ '\\n' }}{% endif -%}
-  {%- elif message.role == 'assistant' -%}
-    {{- '\\nAssistant: ' + message.content + '<|end_of_sentence|>' -}}
-  {%- endif -%}
-{%- endfor -%}
-{%- if add_generation_prompt -%}
-  {{- '\\nAssistant: ' -}}
-  {{- '<think>' if (enable_thinking is defined and enable_thinking) else '<think>\\n\\n</think>\\n\\n' -}}
-{%- endif -%}"""
-
-FONT_NAME = "Roboto-Regular.ttf"
+FONT_NAME = VL_FONT_NAME
 
 
 def write_vl_tokenizer(folder: Path) -> None:
@@ -84,31 +53,12 @@ def write_vl_tokenizer(folder: Path) -> None:
     (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
 
 
-def write_font(path: Path) -> None:
-    """A TrueType file standing in for the checkpoint's Roboto (Pillow's bundled font)."""
-    path.write_bytes(ImageFont.load_default(10).path.getvalue())
-
-
 def write_vl_processor_checkpoint(folder: Path, nested: bool = False) -> Path:
     """Tokenizer, processor configs (per-processor files, or v5's nested processor_config.json)
     and the font, with the values transformers writes for the real checkpoint."""
     folder.mkdir(parents=True, exist_ok=True)
     write_vl_tokenizer(folder)
-    write_font(folder / FONT_NAME)
-    clip = {"image_mean": [0.48145466, 0.4578275, 0.40821073], "image_std": [0.26862954, 0.26130258, 0.27577711],
-            "rescale_factor": 1 / 255, "do_rescale": True, "do_normalize": True, "do_convert_rgb": True,
-            "resample": 3, "patch_size": 14, "merge_size": 2}
-    image = {**clip, "image_processor_type": "Ernie4_5_VLMoeImageProcessor", "temporal_patch_size": 1,
-             "size": {"shortest_edge": 56 * 56, "longest_edge": 6177 * 28 * 28}}
-    video = {**clip, "video_processor_type": "Ernie4_5_VLMoeVideoProcessor", "temporal_patch_size": 2,
-             "size": {"shortest_edge": 299 * 28 * 28, "longest_edge": 1196 * 28 * 28}, "min_frames": 16,
-             "max_frames": 180, "do_sample_frames": True, "draw_on_frames": True, "font": FONT_NAME, "fps": None}
-    if nested:
-        (folder / "processor_config.json").write_text(json.dumps({"image_processor": image, "video_processor": video}))
-    else:
-        (folder / "preprocessor_config.json").write_text(json.dumps(image))
-        (folder / "video_preprocessor_config.json").write_text(json.dumps(video))
-    return folder
+    return write_vl_processor_files(folder, nested)
 
 
 def write_video(path: Path, seconds: float, fps: Fraction | int, size: tuple[int, int] = (64, 48), codec: str = "mpeg4") -> Path:
