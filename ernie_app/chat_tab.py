@@ -21,19 +21,25 @@ from .turns import RunningTurns, Turn, check_message, conversation, message_file
 SLOT_WAIT_SECONDS = 0.5
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 EXAMPLES = {
-    CHAT: [{"text": text} for text in (
+    None: [{"text": text} for text in (
         "Write a haiku about the sea at night.",
         "用三句话介绍一下文心一言。",
         "Explain the difference between a list and a tuple in Python.",
         "What should I see in Beijing in one day?",
     )],
-    VISION: [
+    "image": [
         {"text": "What is shown in this picture?", "files": [str(ASSETS / "shapes.png")]},
         {"text": "这张图表说明了什么？", "files": [str(ASSETS / "chart.png")]},
         {"text": "What differs between the two pictures?", "files": [str(ASSETS / "shapes.png"), str(ASSETS / "chart.png")]},
     ],
+    "video": [{"text": "What happens in this video, and when?", "files": [str(ASSETS / "clock.mp4")]}],
 }
-PLACEHOLDERS = {CHAT: "Message ERNIE…", VISION: "Attach images and ask about them…"}
+PLACEHOLDERS = {None: "Message ERNIE…", "image": "Attach images and ask about them…", "video": "Attach a video and ask about it…"}
+INTROS = {
+    None: "Ask ERNIE anything. The model loads on first use.",
+    "image": "Attach one or more images and ask about them; follow-up questions see them too.",
+    "video": "Attach a video and ask about it; the frames the model saw show above the input.",
+}
 BUSY = {"interactive": False, "submit_btn": False, "stop_btn": True}
 IDLE = {"interactive": True, "submit_btn": True, "stop_btn": False}
 
@@ -48,7 +54,7 @@ class ChatSession:
         self.running = RunningTurns()
 
     def stream(self, turn: Turn, content, model_name: str, system_prompt: str, settings: tuple,
-               progress: Callable[[float, str], None] | None = None) -> Iterator[list[dict]]:
+               progress: Callable[[float, str], None] | None = None, video_options: dict | None = None) -> Iterator[list[dict]]:
         """Yield the chat as the reply to `content` (the new user entry's) grows; raises the
         REFUSALS with user messages."""
         if model_name not in self.manager.registry or self.manager.registry[model_name].task != self.task:
@@ -64,7 +70,8 @@ class ChatSession:
                 yield turn.messages(status(f"⏳ Waiting for a free slot on {model_name}…"))
             try:
                 messages = conversation(history, system_prompt or "", content, with_media=self.task == VISION)
-                for reply in stream_reply(loaded, messages, sampling, cancel=turn.cancel, max_context=self.max_context):
+                for reply in stream_reply(loaded, messages, sampling, cancel=turn.cancel, max_context=self.max_context,
+                                          video_options=video_options):
                     turn.reply = reply
                     yield turn.messages()
             finally:
@@ -85,25 +92,25 @@ def last_user_index(history: list[dict]) -> int | None:
 
 
 def build_chat_tab(manager: ModelManager, default_model: str, max_context: int, concurrency_limit: int,
-                   task: str = CHAT) -> None:
-    """Render the Chat tab (task CHAT) or the Image tab (task VISION: a multimodal input, the VL
-    models) inside the current Blocks context."""
+                   media: str | None = None) -> None:
+    """Render the Chat tab, or with `media` "image" / "video" the Image or Video tab (a multimodal
+    input, the VL models), inside the current Blocks context."""
+    task = VISION if media else CHAT
     session = ChatSession(manager, max_context, task)
     specs = manager.registry
-    media = task == VISION
+    video = media == "video"
     model = gr.Dropdown([(specs[name].label, name) for name in models_for(specs, task)], value=default_model, label="Model")
     chatbot = gr.Chatbot(
         height=560, editable="user", buttons=["copy", "copy_all"], layout="bubble", show_label=False,
-        placeholder="Attach one or more images and ask about them; follow-up questions see them too."
-        if media else "Ask ERNIE anything. The model loads on first use.",
-        examples=EXAMPLES[task],
+        placeholder=INTROS[media], examples=EXAMPLES[media],
     )
-    box_options = dict(show_label=False, placeholder=PLACEHOLDERS[task], submit_btn=True, stop_btn=False, autofocus=not media,
+    box_options = dict(show_label=False, placeholder=PLACEHOLDERS[media], submit_btn=True, stop_btn=False, autofocus=not media,
                        lines=1, max_lines=8)
     if media:
-        textbox = gr.MultimodalTextbox(file_types=["image"], file_count="multiple", **box_options)
+        textbox = gr.MultimodalTextbox(file_types=[media], file_count="single" if video else "multiple", **box_options)
     else:
         textbox = gr.Textbox(**box_options)
+    frames = gr.Gallery(label="Frames the model saw", columns=8, height=220, visible=video, interactive=False)
     defaults = sampling_defaults(manager.generation_defaults(default_model))
     with gr.Accordion("Sampling settings", open=False):
         system_prompt = gr.Textbox("", label="System prompt", lines=2, placeholder="You are a helpful assistant.")
@@ -116,6 +123,11 @@ def build_chat_tab(manager: ModelManager, default_model: str, max_context: int, 
         ]
         seed = gr.Number(-1, label="Seed (-1 = random)", precision=0)
         stop_sequences = gr.Textbox("", label="Stop sequences (one per line)", lines=2)
+        if video:
+            sampling_of_frames = [gr.Slider(0.25, 4.0, value=2.0, step=0.25, label="Frames per second sampled"),
+                                  gr.Slider(2, 180, value=180, step=2, label="Max frames")]
+        else:
+            sampling_of_frames = [gr.State(None), gr.State(None)]
     settings = [max_new_tokens, *sliders, seed, stop_sequences]
     model.change(lambda name: list(sampling_defaults(manager.generation_defaults(name)).values()), model, sliders,
                  api_visibility="private")
@@ -159,20 +171,26 @@ def build_chat_tab(manager: ModelManager, default_model: str, max_context: int, 
         return accept(selected.value, history)
 
     def respond(content, history, model_name, system, max_new_tokens, temperature, top_p, top_k, repetition_penalty,
-                seed, stop_sequences, request: gr.Request, progress=gr.Progress(track_tqdm=True)):
+                seed, stop_sequences, fps, max_frames, request: gr.Request, progress=gr.Progress(track_tqdm=True)):
         if content is None:  # the prepare step refused: leave everything as it is
-            yield gr.skip(), gr.skip()
+            yield gr.skip(), gr.skip(), gr.skip()
             return
         turn = Turn(history, thinking=model_name in specs and specs[model_name].thinking)
         values = (max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed, stop_sequences)
+        options = {"fps": fps, "max_frames": None if max_frames is None else int(max_frames)} if video else None
+        shown = None
         try:
             with session.running.track(request.session_hash, turn):
                 for messages in session.stream(turn, content, model_name, system, values,
-                                               lambda fraction, note: progress(fraction, desc=note)):
-                    yield gr.skip() if turn.discarded else messages, gr.skip()
+                                               lambda fraction, note: progress(fraction, desc=note), options):
+                    gallery = gr.skip()
+                    if video and turn.reply.videos and shown is not turn.reply.videos:
+                        shown, last = turn.reply.videos, turn.reply.videos[-1]
+                        gallery = [(frame, f"{seconds:.1f} s") for frame, seconds in zip(last.frames, last.timestamps)]
+                    yield gr.skip() if turn.discarded else messages, gr.skip(), gallery
         except Exception as error:  # the conversation and the message go back as they were
-            gr.Warning(refuse(error, task))
-            yield history[:-1], gr.update(value=box(content))
+            gr.Warning(refuse(error, media or task))
+            yield history[:-1], gr.update(value=box(content)), gr.skip()
 
     def stop(request: gr.Request):
         turn = session.running.stop(request.session_hash)
@@ -195,7 +213,7 @@ def build_chat_tab(manager: ModelManager, default_model: str, max_context: int, 
         prepared = trigger(prepare, inputs, [textbox, chatbot, pending], concurrency_limit=None,
                            show_progress="hidden", api_visibility="private")
         prepared.then(
-            respond, [pending, chatbot, model, system_prompt, *settings], [chatbot, textbox],
+            respond, [pending, chatbot, model, system_prompt, *settings, *sampling_of_frames], [chatbot, textbox, frames],
             concurrency_limit=concurrency_limit, concurrency_id=task, show_progress="minimal", show_progress_on=chatbot,
             api_visibility="private",
         ).then(lambda: gr.update(**IDLE), None, textbox, queue=False, api_visibility="private")
@@ -209,21 +227,23 @@ def build_chat_tab(manager: ModelManager, default_model: str, max_context: int, 
         session.running.stop(request.session_hash, discard=True)
 
     chatbot.clear(clear, None, None, queue=False, api_visibility="private")
-    if media:
+    if video:
+        build_video_api(session, specs, model, system_prompt, settings, sampling_of_frames, concurrency_limit)
+    elif media:
         build_image_api(session, specs, model, system_prompt, settings, concurrency_limit)
     else:
         build_chat_api(session, specs, model, system_prompt, settings, concurrency_limit)
 
 
 def api_stream(session: ChatSession, specs: dict, history: list[dict], content, model_name: str, system_prompt: str,
-               values: tuple, where: str) -> Iterator[tuple]:
+               values: tuple, where: str, video_options: dict | None = None) -> Iterator[tuple]:
     """Stream one API turn as (the reply's messages, the session's conversation at the end);
     failures become gr.Error with the user's message."""
     try:
         check_message(content)
         turn = Turn([*history, {"role": "user", "content": content}], thinking=model_name in specs and specs[model_name].thinking)
         messages = turn.messages()
-        for messages in session.stream(turn, content, model_name, system_prompt, values):
+        for messages in session.stream(turn, content, model_name, system_prompt, values, video_options=video_options):
             yield messages[len(history) + 1:], gr.skip()
     except Exception as error:
         raise gr.Error(refuse(error, where), print_exception=False) from None
@@ -263,5 +283,28 @@ def build_image_api(session: ChatSession, specs: dict, model, system_prompt, set
         image, [gr.File(type="filepath", visible=False), gr.Textbox(visible=False), api_history, model, system_prompt,
                 *settings],
         [gr.JSON(visible=False), api_history], api_name="image", concurrency_limit=concurrency_limit,
+        concurrency_id=VISION, postprocess=False,
+    )
+
+
+def build_video_api(session: ChatSession, specs: dict, model, system_prompt, settings: list, sampling_of_frames: list,
+                    concurrency_limit: int) -> None:
+    """/video: a video file (or none, to ask more about the earlier one) and a question first, every
+    setting optional, then fps and max_frames; each client session keeps its conversation."""
+    def video(video: str | None, question: str, history: list[dict], model_name: str, system_prompt: str = "",
+              max_new_tokens: int = 512, temperature: float | None = None, top_p: float | None = None,
+              top_k: int | None = None, repetition_penalty: float | None = None, seed: int | None = None,
+              stop_sequences: str = "", fps: float = 2.0, max_frames: int = 180):
+        """Ask an ERNIE 4.5 VL model about a video; streams the reply as chat messages."""
+        values = (max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed, stop_sequences)
+        content = [{"path": video}, question] if video else question
+        options = {"fps": fps, "max_frames": int(max_frames)}
+        yield from api_stream(session, specs, history, content, model_name, system_prompt, values, "/video", options)
+
+    api_history = gr.State([])
+    gr.Button(visible=False).click(
+        video, [gr.File(type="filepath", visible=False), gr.Textbox(visible=False), api_history, model, system_prompt,
+                *settings, *sampling_of_frames],
+        [gr.JSON(visible=False), api_history], api_name="video", concurrency_limit=concurrency_limit,
         concurrency_id=VISION, postprocess=False,
     )

@@ -93,6 +93,7 @@ class Reply:
     first_token_at: float | None = None
     last_token_at: float | None = None
     stop_reason: str | None = None
+    videos: list = field(default_factory=list)  # the videos as the model saw them (frames, timestamps)
 
     @property
     def time_to_first_token(self) -> float | None:
@@ -117,16 +118,16 @@ STOP_REASONS = {
 MEDIA_INPUTS = ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw")
 
 
-def encode_prompt(loaded: LoadedModel, messages: list[dict], video_options: dict) -> tuple[list[int], dict]:
-    """Prompt token ids and the media tensors `generate` takes (none for text models). Bad
-    messages or media (the processor's MediaError is a ValueError) become UserErrors."""
+def encode_prompt(loaded: LoadedModel, messages: list[dict], video_options: dict) -> tuple[list[int], dict, list]:
+    """Prompt token ids, the media tensors `generate` takes and the sampled videos (none for text
+    models). Bad messages or media (the processor's MediaError is a ValueError) become UserErrors."""
     try:
         if loaded.processor is None:
-            return loaded.tokenizer.encode(loaded.tokenizer.apply_chat_template(messages, add_generation_prompt=True)), {}
+            return loaded.tokenizer.encode(loaded.tokenizer.apply_chat_template(messages, add_generation_prompt=True)), {}, []
         inputs = loaded.processor.apply_chat_template(messages, enable_thinking=loaded.spec.thinking, **video_options)
     except ValueError as error:
         raise UserError(str(error)) from None
-    return inputs["input_ids"][0].tolist(), {key: inputs[key] for key in MEDIA_INPUTS if key in inputs}
+    return inputs["input_ids"][0].tolist(), {key: inputs[key] for key in MEDIA_INPUTS if key in inputs}, inputs.videos
 
 
 def stop_token_ids(loaded: LoadedModel) -> set[int]:
@@ -151,7 +152,7 @@ def stream_reply(
     """Yield the growing reply to `messages` ([{"role", "content"}], last one from the user;
     for VL models content may be a list of text / image / video parts, and `video_options`
     (fps, max_frames) tune the video sampling)."""
-    ids, media = encode_prompt(loaded, messages, video_options or {})
+    ids, media, videos = encode_prompt(loaded, messages, video_options or {})
     context = min(max_context, loaded.model.config.max_position_embeddings)
     if len(ids) >= context:
         raise UserError(
@@ -160,7 +161,7 @@ def stream_reply(
         )
     budget = min(sampling.max_new_tokens, context - len(ids))
     stops = stop_token_ids(loaded)
-    reply = Reply(prompt_tokens=len(ids))
+    reply = Reply(prompt_tokens=len(ids), videos=videos)
     # Stop tokens never reach the decoder; other special tokens stay visible, since a thinking
     # model's <think>/</think> may be special tokens and the reasoning parser needs them.
     decoder = loaded.tokenizer.stream_decoder(skip_special_tokens=False)

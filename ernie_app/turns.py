@@ -9,6 +9,7 @@ import threading
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from collections.abc import Iterator
+from pathlib import Path
 
 from models import CheckpointError
 
@@ -64,14 +65,22 @@ def message_files(content) -> list[str]:
     return []
 
 
+VIDEO_SUFFIXES = {".mp4", ".webm", ".mov", ".mkv", ".avi", ".m4v", ".mpeg", ".mpg", ".ogv", ".3gp"}
+
+
+def media_part(path: str) -> dict:
+    kind = "video" if Path(path).suffix.lower() in VIDEO_SUFFIXES else "image"
+    return {"type": kind, kind: path}
+
+
 def model_content(content, with_media: bool):
-    """What the model is sent for a history entry: its text, or for VL models its images (as
-    image parts, in order) followed by its text."""
+    """What the model is sent for a history entry: its text, or for VL models its images and
+    videos (as parts, in order) followed by its text."""
     text = message_text(content)
     files = message_files(content) if with_media else []
     if not files:
         return text
-    return [*({"type": "image", "image": path} for path in files), *([{"type": "text", "text": text}] if text else [])]
+    return [*(media_part(path) for path in files), *([{"type": "text", "text": text}] if text else [])]
 
 
 def check_message(message) -> str:

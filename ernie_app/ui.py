@@ -25,10 +25,10 @@ def build_app(
             gr.Markdown(f"> ⚠️ {notice}")
         with gr.Tab("Chat"):
             build_chat_tab(manager, default_model, max_context, concurrency_limit)
-        if models_for(manager.registry, VISION):
-            with gr.Tab("Image"):
-                vision = models_for(manager.registry, VISION)
-                build_chat_tab(manager, vision[0], max_context, concurrency_limit, task=VISION)
+        vision = models_for(manager.registry, VISION)
+        for media in ("image", "video") if vision else ():
+            with gr.Tab(media.title()):
+                build_chat_tab(manager, vision[0], max_context, concurrency_limit, media=media)
         if models_for(manager.registry, CLASSIFY):
             with gr.Tab("Multilingual classification"):
                 build_classify_tab(manager, concurrency_limit)

@@ -268,3 +268,18 @@ def test_image_api_refuses_bad_files_readably(client, demo_registry, tmp_path):
     with pytest.raises(AppError, match="aspect|ratio|narrow|wide"):
         client.predict(handle_file(str(strip)), "What is it?", name, api_name="/image")
     assert stats(client.predict(handle_file(str(ASSETS / "chart.png")), "Still fine?", name, "", 4, 0.0, api_name="/image"))
+
+
+def test_video_api_streams_an_answer_with_the_sampled_frames_counted(client, demo_registry, tmp_path):
+    name = vision_model(demo_registry)
+    updates = list(client.submit(handle_file(str(ASSETS / "clock.mp4")), "What happens?", name, "", 12, 0.0,
+                                 1.0, 0, 1.0, -1, "", 2.0, 16, api_name="/video"))
+    assert len(updates) > 3 and "tokens" in stats(updates[-1])
+    fake = tmp_path / "movie.mp4"
+    fake.write_text("not a video")
+    with pytest.raises(AppError, match="not a readable video"):
+        client.predict(handle_file(str(fake)), "What happens?", name, api_name="/video")
+    empty = tmp_path / "empty.mp4"
+    empty.write_bytes(b"")
+    with pytest.raises(AppError, match="empty"):
+        client.predict(handle_file(str(empty)), "What happens?", name, api_name="/video")
