@@ -54,7 +54,7 @@ class ChatSession:
         self.running = RunningTurns()
 
     def stream(self, turn: Turn, content, model_name: str, system_prompt: str, settings: tuple,
-               progress: Callable[[float, str], None] | None = None, video_options: dict | None = None) -> Iterator[list[dict]]:
+               progress: Callable[[float, str], None] | None = None, media_options: dict | None = None) -> Iterator[list[dict]]:
         """Yield the chat as the reply to `content` (the new user entry's) grows; raises the
         REFUSALS with user messages."""
         if model_name not in self.manager.registry or self.manager.registry[model_name].task != self.task:
@@ -71,7 +71,7 @@ class ChatSession:
             try:
                 messages = conversation(history, system_prompt or "", content, with_media=self.task == VISION)
                 for reply in stream_reply(loaded, messages, sampling, cancel=turn.cancel, max_context=self.max_context,
-                                          video_options=video_options):
+                                          media_options=media_options):
                     turn.reply = reply
                     yield turn.messages()
             finally:
@@ -128,6 +128,8 @@ def build_chat_tab(manager: ModelManager, default_model: str, max_context: int, 
                                   gr.Slider(2, 180, value=180, step=2, label="Max frames")]
         else:
             sampling_of_frames = [gr.State(None), gr.State(None)]
+        # The VL-PT model answers directly unless asked to think first (its template's enable_thinking).
+        thinking = gr.Checkbox(False, label="Think before answering (reasoning shown collapsed)") if media else gr.State(False)
     settings = [max_new_tokens, *sliders, seed, stop_sequences]
     model.change(lambda name: list(sampling_defaults(manager.generation_defaults(name)).values()), model, sliders,
                  api_visibility="private")
@@ -171,13 +173,16 @@ def build_chat_tab(manager: ModelManager, default_model: str, max_context: int, 
         return accept(selected.value, history)
 
     def respond(content, history, model_name, system, max_new_tokens, temperature, top_p, top_k, repetition_penalty,
-                seed, stop_sequences, fps, max_frames, request: gr.Request, progress=gr.Progress(track_tqdm=True)):
+                seed, stop_sequences, fps, max_frames, think, request: gr.Request, progress=gr.Progress(track_tqdm=True)):
         if content is None:  # the prepare step refused: leave everything as it is
             yield gr.skip(), gr.skip(), gr.skip()
             return
-        turn = Turn(history, thinking=model_name in specs and specs[model_name].thinking)
+        model_thinks = model_name in specs and specs[model_name].thinking
+        turn = Turn(history, thinking=model_thinks or bool(think))
         values = (max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed, stop_sequences)
-        options = {"fps": fps, "max_frames": None if max_frames is None else int(max_frames)} if video else None
+        options = {"enable_thinking": model_thinks or bool(think)} if media else None
+        if video:
+            options.update(fps=fps, max_frames=int(max_frames))
         shown = None
         try:
             with session.running.track(request.session_hash, turn):
@@ -213,7 +218,7 @@ def build_chat_tab(manager: ModelManager, default_model: str, max_context: int, 
         prepared = trigger(prepare, inputs, [textbox, chatbot, pending], concurrency_limit=None,
                            show_progress="hidden", api_visibility="private")
         prepared.then(
-            respond, [pending, chatbot, model, system_prompt, *settings, *sampling_of_frames], [chatbot, textbox, frames],
+            respond, [pending, chatbot, model, system_prompt, *settings, *sampling_of_frames, thinking], [chatbot, textbox, frames],
             concurrency_limit=concurrency_limit, concurrency_id=task, show_progress="minimal", show_progress_on=chatbot,
             api_visibility="private",
         ).then(lambda: gr.update(**IDLE), None, textbox, queue=False, api_visibility="private")
@@ -236,14 +241,14 @@ def build_chat_tab(manager: ModelManager, default_model: str, max_context: int, 
 
 
 def api_stream(session: ChatSession, specs: dict, history: list[dict], content, model_name: str, system_prompt: str,
-               values: tuple, where: str, video_options: dict | None = None) -> Iterator[tuple]:
+               values: tuple, where: str, media_options: dict | None = None) -> Iterator[tuple]:
     """Stream one API turn as (the reply's messages, the session's conversation at the end);
     failures become gr.Error with the user's message."""
     try:
         check_message(content)
         turn = Turn([*history, {"role": "user", "content": content}], thinking=model_name in specs and specs[model_name].thinking)
         messages = turn.messages()
-        for messages in session.stream(turn, content, model_name, system_prompt, values, video_options=video_options):
+        for messages in session.stream(turn, content, model_name, system_prompt, values, media_options=media_options):
             yield messages[len(history) + 1:], gr.skip()
     except Exception as error:
         raise gr.Error(refuse(error, where), print_exception=False) from None

@@ -118,13 +118,14 @@ STOP_REASONS = {
 MEDIA_INPUTS = ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw")
 
 
-def encode_prompt(loaded: LoadedModel, messages: list[dict], video_options: dict) -> tuple[list[int], dict, list]:
+def encode_prompt(loaded: LoadedModel, messages: list[dict], media_options: dict) -> tuple[list[int], dict, list]:
     """Prompt token ids, the media tensors `generate` takes and the sampled videos (none for text
     models). Bad messages or media (the processor's MediaError is a ValueError) become UserErrors."""
     try:
         if loaded.processor is None:
             return loaded.tokenizer.encode(loaded.tokenizer.apply_chat_template(messages, add_generation_prompt=True)), {}, []
-        inputs = loaded.processor.apply_chat_template(messages, enable_thinking=loaded.spec.thinking, **video_options)
+        options = {"enable_thinking": loaded.spec.thinking, **media_options}
+        inputs = loaded.processor.apply_chat_template(messages, **options)
     except ValueError as error:
         raise UserError(str(error)) from None
     return inputs["input_ids"][0].tolist(), {key: inputs[key] for key in MEDIA_INPUTS if key in inputs}, inputs.videos
@@ -147,12 +148,12 @@ def stream_reply(
     sampling: Sampling,
     cancel: threading.Event | None = None,
     max_context: int = DEFAULT_MAX_CONTEXT,
-    video_options: dict | None = None,
+    media_options: dict | None = None,
 ) -> Iterator[Reply]:
     """Yield the growing reply to `messages` ([{"role", "content"}], last one from the user;
-    for VL models content may be a list of text / image / video parts, and `video_options`
-    (fps, max_frames) tune the video sampling)."""
-    ids, media, videos = encode_prompt(loaded, messages, video_options or {})
+    for VL models content may be a list of text / image / video parts, and `media_options`
+    (enable_thinking, fps, max_frames) go to the processor)."""
+    ids, media, videos = encode_prompt(loaded, messages, media_options or {})
     context = min(max_context, loaded.model.config.max_position_embeddings)
     if len(ids) >= context:
         raise UserError(

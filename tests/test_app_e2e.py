@@ -283,3 +283,26 @@ def test_video_api_streams_an_answer_with_the_sampled_frames_counted(client, dem
     empty.write_bytes(b"")
     with pytest.raises(AppError, match="empty"):
         client.predict(handle_file(str(empty)), "What happens?", name, api_name="/video")
+
+
+@pytest.mark.parametrize("kind", ["huge", "cmyk", "palette-alpha", "animated-gif", "tiny"])
+def test_image_api_answers_awkward_images_or_says_why_not(client, demo_registry, tmp_path, kind):
+    path = tmp_path / ("image.gif" if kind == "animated-gif" else "image.jpg" if kind == "cmyk" else "image.png")
+    if kind == "huge":
+        Image.new("RGB", (8000, 8000), (90, 120, 200)).save(path, compress_level=1)
+    elif kind == "cmyk":
+        Image.new("CMYK", (300, 200), (0, 120, 200, 10)).save(path)
+    elif kind == "palette-alpha":
+        image = Image.new("P", (120, 80), 3)
+        image.info["transparency"] = 3
+        image.save(path)
+    elif kind == "animated-gif":
+        frames = [Image.new("RGB", (64, 64), color) for color in ((255, 0, 0), (0, 255, 0))]
+        frames[0].save(path, save_all=True, append_images=frames[1:], duration=100, loop=0)
+    else:
+        Image.new("RGB", (1, 1)).save(path)
+    try:
+        assert stats(client.predict(handle_file(str(path)), "Describe it.", vision_model(demo_registry), "", 4, 0.0,
+                                    api_name="/image"))
+    except AppError as refused:  # the 8000x8000 image downsized to the pixel limit still outgrows the demo's context
+        assert kind == "huge" and "context" in str(refused)

@@ -158,3 +158,13 @@ def test_unset_sampling_takes_the_checkpoint_defaults():
     assert Sampling(top_p=0.5).resolved(ernie)["top_p"] == 0.5
     assert Sampling().resolved({"temperature": 0.7})["do_sample"] is False  # do_sample unset: greedy
     assert sampling_defaults({})["temperature"] == 0.0
+
+
+def test_vl_prompts_think_only_when_asked(demo_registry):
+    from ernie_app.engine import encode_prompt
+
+    name = next(n for n, spec in demo_registry.items() if spec.task == "vision" and not spec.thinking)
+    loaded = ModelManager(demo_registry).get(name)
+    messages = [{"role": "user", "content": "Hello"}]
+    direct, thinking = (loaded.tokenizer.decode(encode_prompt(loaded, messages, {"enable_thinking": t})[0]) for t in (False, True))
+    assert direct.endswith("<think>\n\n</think>\n\n") and thinking.endswith("<think>")
