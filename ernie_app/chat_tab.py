@@ -1,315 +1,38 @@
-"""The Chat and Image tabs: multi-turn streaming chat with the ERNIE 4.5 text models, or with the
-VL models about uploaded images, and their `/chat` and `/image` APIs.
-
-Built from plain Blocks events rather than gr.ChatInterface, so that a refused message or a failed
-generation leaves the page as it was (toast, conversation unchanged, input usable) and Stop keeps
-the reply's statistics. Each event chain is: prepare (instant, unqueued: check the message, show
-it) -> respond (queued, streams) -> unlock the input, which runs whatever happened before.
-"""
+"""The Chat tab: multi-turn streaming chat with the ERNIE 4.5 text models, and the `/chat` API."""
 from __future__ import annotations
-
-from collections.abc import Callable, Iterator
-from pathlib import Path
 
 import gradio as gr
 
-from .engine import Sampling, UserError, sampling_defaults, stream_reply
+from .conversation import Controls, api_stream, build_conversation
 from .manager import ModelManager
-from .registry import CHAT, VISION, models_for
-from .turns import RunningTurns, Turn, check_message, conversation, message_files, message_text, refuse, status
+from .registry import CHAT
 
-SLOT_WAIT_SECONDS = 0.5
-ASSETS = Path(__file__).resolve().parent.parent / "assets"
-EXAMPLES = {
-    None: [{"text": text} for text in (
-        "Write a haiku about the sea at night.",
-        "用三句话介绍一下文心一言。",
-        "Explain the difference between a list and a tuple in Python.",
-        "What should I see in Beijing in one day?",
-    )],
-    "image": [
-        {"text": "What is shown in this picture?", "files": [str(ASSETS / "shapes.png")]},
-        {"text": "这张图表说明了什么？", "files": [str(ASSETS / "chart.png")]},
-        {"text": "What differs between the two pictures?", "files": [str(ASSETS / "shapes.png"), str(ASSETS / "chart.png")]},
-    ],
-    "video": [{"text": "What happens in this video, and when?", "files": [str(ASSETS / "clock.mp4")]}],
-}
-PLACEHOLDERS = {None: "Message ERNIE…", "image": "Attach images and ask about them…", "video": "Attach a video and ask about it…"}
-INTROS = {
-    None: "Ask ERNIE anything. The model loads on first use.",
-    "image": "Attach one or more images and ask about them; follow-up questions see them too.",
-    "video": "Attach a video and ask about it; the frames the model saw show above the input.",
-}
-BUSY = {"interactive": False, "submit_btn": False, "stop_btn": True}
-IDLE = {"interactive": True, "submit_btn": True, "stop_btn": False}
+EXAMPLES = [{"text": text} for text in (
+    "Write a haiku about the sea at night.",
+    "用三句话介绍一下文心一言。",
+    "Explain the difference between a list and a tuple in Python.",
+    "What should I see in Beijing in one day?",
+)]
 
 
-class ChatSession:
-    """Answers chat turns for the tab and the API: settings checks, loading notes, slots."""
-
-    def __init__(self, manager: ModelManager, max_context: int, task: str = CHAT) -> None:
-        self.manager = manager
-        self.task = task
-        self.max_context = max_context
-        self.running = RunningTurns()
-
-    def stream(self, turn: Turn, content, model_name: str, system_prompt: str, settings: tuple,
-               progress: Callable[[float, str], None] | None = None, media_options: dict | None = None) -> Iterator[list[dict]]:
-        """Yield the chat as the reply to `content` (the new user entry's) grows; raises the
-        REFUSALS with user messages."""
-        if model_name not in self.manager.registry or self.manager.registry[model_name].task != self.task:
-            raise UserError(f"Unknown model {model_name!r}. Choose one of: {', '.join(models_for(self.manager.registry, self.task))}.")
-        sampling = make_sampling(*settings)
-        history = turn.history[:-1]  # what came before the new user message
-        if all(m.spec.name != model_name for m in self.manager.loaded()):
-            yield turn.messages(status(f"⏳ Loading {model_name} (first use)…"))
-        with self.manager.use(model_name, progress) as loaded:
-            while not loaded.slots.acquire(timeout=SLOT_WAIT_SECONDS):
-                if turn.cancel.is_set():
-                    return
-                yield turn.messages(status(f"⏳ Waiting for a free slot on {model_name}…"))
-            try:
-                messages = conversation(history, system_prompt or "", content, with_media=self.task == VISION)
-                for reply in stream_reply(loaded, messages, sampling, cancel=turn.cancel, max_context=self.max_context,
-                                          media_options=media_options):
-                    turn.reply = reply
-                    yield turn.messages()
-            finally:
-                loaded.slots.release()
+def build_chat_tab(manager: ModelManager, default_model: str, max_context: int, concurrency_limit: int) -> None:
+    """Render the Chat tab inside the current Blocks context, with its /chat API."""
+    controls = build_conversation(manager, default_model, max_context, concurrency_limit, None, EXAMPLES,
+                                  "Message ERNIE…", "Ask ERNIE anything. The model loads on first use.")
+    build_chat_api(controls, concurrency_limit)
 
 
-def make_sampling(max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed, stop_sequences) -> Sampling:
-    """Sampling from the settings widgets (or API values); -1 or empty seed means random."""
-    return Sampling(
-        max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
-        repetition_penalty=repetition_penalty, seed=None if seed in (None, "", -1) else seed,
-        stop_strings=tuple(s for s in (stop_sequences or "").splitlines() if s),
-    )
-
-
-def last_user_index(history: list[dict]) -> int | None:
-    return next((i for i in range(len(history) - 1, -1, -1) if history[i].get("role") == "user"), None)
-
-
-def build_chat_tab(manager: ModelManager, default_model: str, max_context: int, concurrency_limit: int,
-                   media: str | None = None) -> None:
-    """Render the Chat tab, or with `media` "image" / "video" the Image or Video tab (a multimodal
-    input, the VL models), inside the current Blocks context."""
-    task = VISION if media else CHAT
-    session = ChatSession(manager, max_context, task)
-    specs = manager.registry
-    video = media == "video"
-    model = gr.Dropdown([(specs[name].label, name) for name in models_for(specs, task)], value=default_model, label="Model")
-    chatbot = gr.Chatbot(
-        height=560, editable="user", buttons=["copy", "copy_all"], layout="bubble", show_label=False,
-        placeholder=INTROS[media], examples=EXAMPLES[media],
-    )
-    box_options = dict(show_label=False, placeholder=PLACEHOLDERS[media], submit_btn=True, stop_btn=False, autofocus=not media,
-                       lines=1, max_lines=8)
-    if media:
-        textbox = gr.MultimodalTextbox(file_types=[media], file_count="single" if video else "multiple", **box_options)
-    else:
-        textbox = gr.Textbox(**box_options)
-    frames = gr.Gallery(label="Frames the model saw", columns=8, height=220, visible=video, interactive=False)
-    defaults = sampling_defaults(manager.generation_defaults(default_model))
-    with gr.Accordion("Sampling settings", open=False):
-        system_prompt = gr.Textbox("", label="System prompt", lines=2, placeholder="You are a helpful assistant.")
-        max_new_tokens = gr.Slider(1, 4096, value=512, step=1, label="Max new tokens")
-        sliders = [
-            gr.Slider(0.0, 2.0, value=defaults["temperature"], step=0.05, label="Temperature (0 = greedy)"),
-            gr.Slider(0.05, 1.0, value=defaults["top_p"], step=0.05, label="Top-p"),
-            gr.Slider(0, 200, value=defaults["top_k"], step=1, label="Top-k (0 = off)"),
-            gr.Slider(1.0, 2.0, value=defaults["repetition_penalty"], step=0.05, label="Repetition penalty"),
-        ]
-        seed = gr.Number(-1, label="Seed (-1 = random)", precision=0)
-        stop_sequences = gr.Textbox("", label="Stop sequences (one per line)", lines=2)
-        if video:
-            sampling_of_frames = [gr.Slider(0.25, 4.0, value=2.0, step=0.25, label="Frames per second sampled"),
-                                  gr.Slider(2, 180, value=180, step=2, label="Max frames")]
-        else:
-            sampling_of_frames = [gr.State(None), gr.State(None)]
-        # The VL-PT model answers directly unless asked to think first (its template's enable_thinking).
-        thinking = gr.Checkbox(False, label="Think before answering (reasoning shown collapsed)") if media else gr.State(False)
-    settings = [max_new_tokens, *sliders, seed, stop_sequences]
-    model.change(lambda name: list(sampling_defaults(manager.generation_defaults(name)).values()), model, sliders,
-                 api_visibility="private")
-    pending = gr.State(None)  # the user entry's content a prepare step accepted, for respond
-
-    def entry(text: str, files: list[str]):
-        """A user entry's content: the text, after the images when there are any."""
-        return [*({"path": path} for path in files), text] if files else text
-
-    def box(content):
-        """The input box holding `content` again (to edit and resend)."""
-        return {"text": message_text(content), "files": message_files(content)} if media else message_text(content)
-
-    def accept(message, history):
-        try:
-            text = check_message(message)
-        except UserError as error:
-            gr.Warning(refuse(error, "message"))
-            keep = gr.skip() if message_text(message).strip() else gr.update(value=None)  # kept to edit, unless blank
-            return keep, gr.skip(), None
-        content = entry(text, message_files(message))
-        return gr.update(value=None, **BUSY), [*history, {"role": "user", "content": content}], content
-
-    def retry(history):
-        index = last_user_index(history)
-        if index is None:
-            return gr.skip(), gr.skip(), None
-        return gr.update(**BUSY), history[: index + 1], history[index]["content"]
-
-    def edit(history, edit_data: gr.EditData):
-        before, files = history[: edit_data.index], message_files(history[edit_data.index]["content"])
-        try:
-            text = check_message(edit_data.value)
-        except UserError as error:
-            gr.Warning(refuse(error, "edit"))
-            return gr.skip(), [*before, {"role": "user", "content": entry(message_text(edit_data.previous_value), files)}], None
-        content = entry(text, files)
-        return gr.update(**BUSY), [*before, {"role": "user", "content": content}], content
-
-    def example(history, selected: gr.SelectData):
-        return accept(selected.value, history)
-
-    def respond(content, history, model_name, system, max_new_tokens, temperature, top_p, top_k, repetition_penalty,
-                seed, stop_sequences, fps, max_frames, think, request: gr.Request, progress=gr.Progress(track_tqdm=True)):
-        if content is None:  # the prepare step refused: leave everything as it is
-            yield gr.skip(), gr.skip(), gr.skip()
-            return
-        model_thinks = model_name in specs and specs[model_name].thinking
-        turn = Turn(history, thinking=model_thinks or bool(think))
-        values = (max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed, stop_sequences)
-        options = {"enable_thinking": model_thinks or bool(think)} if media else None
-        if video:
-            options.update(fps=fps, max_frames=int(max_frames))
-        shown = None
-        try:
-            with session.running.track(request.session_hash, turn):
-                for messages in session.stream(turn, content, model_name, system, values,
-                                               lambda fraction, note: progress(fraction, desc=note), options):
-                    gallery = gr.skip()
-                    if video and turn.reply.videos and shown is not turn.reply.videos:
-                        shown, last = turn.reply.videos, turn.reply.videos[-1]
-                        gallery = [(frame, f"{seconds:.1f} s") for frame, seconds in zip(last.frames, last.timestamps)]
-                    yield gr.skip() if turn.discarded else messages, gr.skip(), gallery
-        except Exception as error:  # the conversation and the message go back as they were
-            gr.Warning(refuse(error, media or task))
-            yield history[:-1], gr.update(value=box(content)), gr.skip()
-
-    def stop(request: gr.Request):
-        turn = session.running.stop(request.session_hash)
-        return gr.skip() if turn is None else turn.stopped()
-
-    def undo(history, request: gr.Request):
-        session.running.stop(request.session_hash, discard=True)  # undoing a reply still streaming
-        index = last_user_index(history)
-        if index is None:
-            return gr.skip(), gr.skip()
-        return history[:index], gr.update(value=box(history[index]["content"]))
-
-    for trigger, prepare, inputs in [
-        (textbox.submit, accept, [textbox, chatbot]),
-        (chatbot.retry, retry, [chatbot]),
-        (chatbot.edit, edit, [chatbot]),
-        (chatbot.example_select, example, [chatbot]),
-    ]:
-        # Queued (toasts need the queue) but never waiting for a slot: refusals show at once.
-        prepared = trigger(prepare, inputs, [textbox, chatbot, pending], concurrency_limit=None,
-                           show_progress="hidden", api_visibility="private")
-        prepared.then(
-            respond, [pending, chatbot, model, system_prompt, *settings, *sampling_of_frames, thinking], [chatbot, textbox, frames],
-            concurrency_limit=concurrency_limit, concurrency_id=task, show_progress="minimal", show_progress_on=chatbot,
-            api_visibility="private",
-        ).then(lambda: gr.update(**IDLE), None, textbox, queue=False, api_visibility="private")
-    # Stop and Clear cancel the turn, not the event: the generator ends within one decode step with
-    # a last update of its own (the statistics, or nothing after Clear), so no late update can
-    # overwrite them, and the input unlocks when it is really done.
-    textbox.stop(stop, None, chatbot, queue=False, api_visibility="private")
-    chatbot.undo(undo, chatbot, [chatbot, textbox], queue=False, api_visibility="private")
-
-    def clear(request: gr.Request) -> None:
-        session.running.stop(request.session_hash, discard=True)
-
-    chatbot.clear(clear, None, None, queue=False, api_visibility="private")
-    if video:
-        build_video_api(session, specs, model, system_prompt, settings, sampling_of_frames, concurrency_limit)
-    elif media:
-        build_image_api(session, specs, model, system_prompt, settings, concurrency_limit)
-    else:
-        build_chat_api(session, specs, model, system_prompt, settings, concurrency_limit)
-
-
-def api_stream(session: ChatSession, specs: dict, history: list[dict], content, model_name: str, system_prompt: str,
-               values: tuple, where: str, media_options: dict | None = None) -> Iterator[tuple]:
-    """Stream one API turn as (the reply's messages, the session's conversation at the end);
-    failures become gr.Error with the user's message."""
-    try:
-        check_message(content)
-        turn = Turn([*history, {"role": "user", "content": content}], thinking=model_name in specs and specs[model_name].thinking)
-        messages = turn.messages()
-        for messages in session.stream(turn, content, model_name, system_prompt, values, media_options=media_options):
-            yield messages[len(history) + 1:], gr.skip()
-    except Exception as error:
-        raise gr.Error(refuse(error, where), print_exception=False) from None
-    yield messages[len(history) + 1:], messages
-
-
-def build_chat_api(session: ChatSession, specs: dict, model, system_prompt, settings: list, concurrency_limit: int) -> None:
+def build_chat_api(controls: Controls, concurrency_limit: int) -> None:
     """/chat: message first, every setting optional; each client session keeps its conversation."""
     def chat(message: str, history: list[dict], model_name: str, system_prompt: str = "", max_new_tokens: int = 512,
              temperature: float | None = None, top_p: float | None = None, top_k: int | None = None,
              repetition_penalty: float | None = None, seed: int | None = None, stop_sequences: str = ""):
         """Chat with an ERNIE 4.5 text model; streams the reply as chat messages."""
         values = (max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed, stop_sequences)
-        yield from api_stream(session, specs, history, message, model_name, system_prompt, values, "/chat")
+        yield from api_stream(controls.session, history, message, model_name, system_prompt, values, "/chat")
 
     api_history = gr.State([])
     gr.Button(visible=False).click(
-        chat, [gr.Textbox(visible=False), api_history, model, system_prompt, *settings], [gr.JSON(visible=False), api_history],
+        chat, [gr.Textbox(visible=False), api_history, controls.model, controls.system_prompt, *controls.settings], [gr.JSON(visible=False), api_history],
         api_name="chat", concurrency_limit=concurrency_limit, concurrency_id=CHAT, postprocess=False,
-    )
-
-
-def build_image_api(session: ChatSession, specs: dict, model, system_prompt, settings: list, concurrency_limit: int) -> None:
-    """/image: an image file (or none, to ask more about the earlier ones) and a question first, every
-    setting optional; each client session keeps its conversation and its images."""
-    def image(image: str | None, question: str, history: list[dict], model_name: str, system_prompt: str = "",
-              max_new_tokens: int = 512, temperature: float | None = None, top_p: float | None = None,
-              top_k: int | None = None, repetition_penalty: float | None = None, seed: int | None = None,
-              stop_sequences: str = ""):
-        """Ask an ERNIE 4.5 VL model about an image; streams the reply as chat messages."""
-        values = (max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed, stop_sequences)
-        content = [{"path": image}, question] if image else question
-        yield from api_stream(session, specs, history, content, model_name, system_prompt, values, "/image")
-
-    api_history = gr.State([])
-    gr.Button(visible=False).click(
-        image, [gr.File(type="filepath", visible=False), gr.Textbox(visible=False), api_history, model, system_prompt,
-                *settings],
-        [gr.JSON(visible=False), api_history], api_name="image", concurrency_limit=concurrency_limit,
-        concurrency_id=VISION, postprocess=False,
-    )
-
-
-def build_video_api(session: ChatSession, specs: dict, model, system_prompt, settings: list, sampling_of_frames: list,
-                    concurrency_limit: int) -> None:
-    """/video: a video file (or none, to ask more about the earlier one) and a question first, every
-    setting optional, then fps and max_frames; each client session keeps its conversation."""
-    def video(video: str | None, question: str, history: list[dict], model_name: str, system_prompt: str = "",
-              max_new_tokens: int = 512, temperature: float | None = None, top_p: float | None = None,
-              top_k: int | None = None, repetition_penalty: float | None = None, seed: int | None = None,
-              stop_sequences: str = "", fps: float = 2.0, max_frames: int = 180):
-        """Ask an ERNIE 4.5 VL model about a video; streams the reply as chat messages."""
-        values = (max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed, stop_sequences)
-        content = [{"path": video}, question] if video else question
-        options = {"fps": fps, "max_frames": int(max_frames)}
-        yield from api_stream(session, specs, history, content, model_name, system_prompt, values, "/video", options)
-
-    api_history = gr.State([])
-    gr.Button(visible=False).click(
-        video, [gr.File(type="filepath", visible=False), gr.Textbox(visible=False), api_history, model, system_prompt,
-                *settings, *sampling_of_frames],
-        [gr.JSON(visible=False), api_history], api_name="video", concurrency_limit=concurrency_limit,
-        concurrency_id=VISION, postprocess=False,
     )

@@ -76,7 +76,7 @@ def split_by_layers(folder: Path, budgets: dict[int, int]) -> dict[str, str]:
     cls = model_class(raw)
     with torch.device("meta"):
         model = cls(cls.config_class.from_dict(raw)).cast(torch.bfloat16)
-    device_map = infer_auto_device_map(model, max_memory=budgets, no_split_module_classes=["DecoderLayer", "EncoderLayer"])
+    device_map = infer_auto_device_map(model, max_memory=budgets, no_split_module_classes=["DecoderLayer", "EncoderLayer", "VisionBlock"])
     return {name: (f"cuda:{d}" if isinstance(d, int) else str(d)) for name, d in device_map.items()}
 
 

@@ -5,8 +5,10 @@ import gradio as gr
 
 from .chat_tab import build_chat_tab
 from .classify_tab import build_classify_tab
+from .image_tab import build_image_tab
 from .manager import ModelManager
 from .registry import CLASSIFY, VISION, models_for
+from .video_tab import build_video_tab
 
 TITLE = "ERNIE 4.5 Studio"
 INTRO = "Run and try Baidu's ERNIE models in your browser, on our own PyTorch implementations."
@@ -26,9 +28,11 @@ def build_app(
         with gr.Tab("Chat"):
             build_chat_tab(manager, default_model, max_context, concurrency_limit)
         vision = models_for(manager.registry, VISION)
-        for media in ("image", "video") if vision else ():
-            with gr.Tab(media.title()):
-                build_chat_tab(manager, vision[0], max_context, concurrency_limit, media=media)
+        if vision:
+            with gr.Tab("Image"):
+                build_image_tab(manager, vision[0], max_context, concurrency_limit)
+            with gr.Tab("Video"):
+                build_video_tab(manager, vision[0], max_context, concurrency_limit)
         if models_for(manager.registry, CLASSIFY):
             with gr.Tab("Multilingual classification"):
                 build_classify_tab(manager, concurrency_limit)
