@@ -250,3 +250,15 @@ def test_factory_checkpoints_are_what_transformers_expects(tmp_path, kind):
     ids = torch.randint(0, ours.config.vocab_size, (2, 9))
     with torch.no_grad():
         assert (reference.eval()(ids).logits - ours(ids)).abs().max() < 1e-4
+
+
+@pytest.mark.parametrize(("heads", "kv_heads", "dtype", "tolerance"), [(16, 2, torch.float32, 1e-6), (8, 8, torch.float32, 1e-6),
+                                                                       (16, 2, torch.bfloat16, 1e-2)])
+def test_decode_attention_folds_query_groups_exactly(heads, kv_heads, dtype, tolerance):
+    from models.layers import sdpa
+
+    generator = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 300, heads, 64, generator=generator).to(dtype)[:, -1:].transpose(1, 2)  # as Attention lays it out
+    k, v = (torch.randn(2, kv_heads, 300, 64, generator=generator).to(dtype) for _ in range(2))
+    expected = torch.nn.functional.scaled_dot_product_attention(q.float(), k.float(), v.float(), enable_gqa=True)
+    assert (sdpa(q, k, v, start=299).float() - expected).abs().max() < tolerance
