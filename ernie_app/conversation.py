@@ -125,7 +125,7 @@ def build_conversation(manager: ModelManager, default_model: str, max_context: i
     settings = [max_new_tokens, *sliders, seed, stop_sequences]
     model.change(lambda name: list(sampling_defaults(manager.generation_defaults(name)).values()), model, sliders,
                  api_visibility="private")
-    pending = gr.State(None)  # the user entry's content a prepare step accepted, for respond
+    pending = gr.State(None)  # the user entry's content a prepare step accepted, then (epoch, content)
 
     def entry(text: str, files: list[str]):
         """A user entry's content: the text, after the images when there are any."""
@@ -166,9 +166,10 @@ def build_conversation(manager: ModelManager, default_model: str, max_context: i
 
     def respond(content, history, model_name, system, max_new_tokens, temperature, top_p, top_k, repetition_penalty,
                 seed, stop_sequences, fps, max_frames, think, request: gr.Request, progress=gr.Progress(track_tqdm=True)):
-        if content is None:  # the prepare step refused: leave everything as it is
-            yield gr.skip(), gr.skip(), gr.skip()
+        if content is None or content[0] != session.running.epoch(request.session_hash):
+            yield gr.skip(), gr.skip(), gr.skip()  # refused, or cleared while it waited: leave all as it is
             return
+        content = content[1]
         model_thinks = model_name in specs and specs[model_name].thinking
         turn = Turn(history, thinking=model_thinks or bool(think))
         values = (max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed, stop_sequences)
@@ -188,6 +189,9 @@ def build_conversation(manager: ModelManager, default_model: str, max_context: i
         except Exception as error:  # the conversation and the message go back as they were
             gr.Warning(refuse(error, media or task))
             yield history[:-1], gr.update(value=box(content)), gr.skip()
+
+    def stamp(content, request: gr.Request):
+        return None if content is None else (session.running.epoch(request.session_hash), content)
 
     def stop(request: gr.Request):
         turn = session.running.stop(request.session_hash)
@@ -209,7 +213,7 @@ def build_conversation(manager: ModelManager, default_model: str, max_context: i
         # Queued (toasts need the queue) but never waiting for a slot: refusals show at once.
         prepared = trigger(prepare, inputs, [textbox, chatbot, pending], concurrency_limit=None,
                            show_progress="hidden", api_visibility="private")
-        prepared.then(
+        prepared.then(stamp, pending, pending, queue=False, api_visibility="private").then(
             respond, [pending, chatbot, model, system_prompt, *settings, *sampling_of_frames, thinking], [chatbot, textbox, frames],
             concurrency_limit=concurrency_limit, concurrency_id=task, show_progress="minimal", show_progress_on=chatbot,
             api_visibility="private",

@@ -177,6 +177,13 @@ class RunningTurns:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._turns: dict[str, Turn] = {}
+        self._epochs: dict[str, int] = {}  # per session, raised by each discard (Clear, Undo)
+
+    def epoch(self, session: str) -> int:
+        """Stamp a turn with this when it is accepted: a turn accepted before a later discard
+        (Clear pressed while it waited in the queue) must not start."""
+        with self._lock:
+            return self._epochs.get(session, 0)
 
     @contextmanager
     def track(self, session: str, turn: Turn) -> Iterator[Turn]:
@@ -198,6 +205,8 @@ class RunningTurns:
         or None when nothing runs."""
         with self._lock:
             turn = self._turns.get(session)
+            if discard:
+                self._epochs[session] = self._epochs.get(session, 0) + 1
         if turn is not None:
             turn.discarded = turn.discarded or discard
             turn.cancel.set()

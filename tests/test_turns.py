@@ -29,3 +29,12 @@ def test_clear_and_a_newer_turn_discard_the_running_one():
             running.stop("s", discard=True)
             assert second.cancel.is_set() and second.discarded
         assert running.stop("s") is None  # the outer block ending does not resurrect the first
+
+
+def test_a_discard_outdates_turns_accepted_before_it():
+    running = RunningTurns()
+    accepted = running.epoch("s")
+    running.stop("s")  # Stop alone keeps waiting turns valid
+    assert running.epoch("s") == accepted
+    running.stop("s", discard=True)  # Clear while a turn waited in the queue
+    assert running.epoch("s") != accepted and running.epoch("other") == 0

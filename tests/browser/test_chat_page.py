@@ -158,7 +158,9 @@ def test_retry_undo_edit_and_clear(chat):
     chat.page.get_by_label("Edit").first.click()
     editor = chat.chat.locator("textarea")
     editor.fill("An edited first question")
+    first_reply = chat.bot_text()
     chat.chat.get_by_role("button", name="Submit").click()
+    expect(chat.page.get_by_test_id("bot").first).not_to_have_text(first_reply, timeout=30_000)  # answered anew
     expect(chat.stats()).to_have_count(1, timeout=60_000)
     chat.wait_until_idle()
     assert chat.user_messages() == ["An edited first question"]
