@@ -95,6 +95,7 @@ def test_stop_ends_the_reply_and_keeps_its_statistics(chat, app_server):
     chat.set_number("Temperature (0 = greedy)", 0)
     chat.send("Write a very long story.")
     expect(chat.page.get_by_test_id("bot")).to_have_count(1, timeout=30_000)
+    expect(chat.page.get_by_test_id("bot").first).not_to_contain_text("⏳", timeout=60_000)  # loaded, streaming
     chat.stop_button.click()
     expect(chat.stats()).to_contain_text("stopped", timeout=10_000)
     tokens = int(re.search(r"(\d+) tokens", chat.stats().inner_text()).group(1))
