@@ -20,7 +20,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-
 from torch import nn
 
 from models import load_model, load_processor, load_tokenizer
@@ -219,8 +218,8 @@ class ModelManager:
         progress(0.5, f"Loading {spec.name} on {where}")
         started = time.perf_counter()
         model = load_model(folder, device=placement)
-        tokenizer = load_tokenizer(folder)
         processor = load_processor(folder) if getattr(model, "takes_media", False) else None
+        tokenizer = processor.tokenizer if processor is not None else load_tokenizer(folder)  # loaded once
         config_path = folder / "generation_config.json"
         generation_config = json.loads(config_path.read_text()) if config_path.is_file() else {}
         weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
