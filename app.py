@@ -6,7 +6,7 @@ import logging
 import os
 
 from ernie_app.demo import demo_models, hub_reachable, weights_cached
-from ernie_app.manager import ModelManager
+from ernie_app.manager import QUANTIZE_SETTINGS, ModelManager
 from ernie_app.registry import CHAT, build_registry, models_for, parse_model_entries
 from ernie_app.ui import build_app
 
@@ -35,8 +35,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="serve tiny random-weight checkpoints; no download (ERNIE_STUDIO_DEMO)")
     p.add_argument("--max-context", type=int, default=int(env("MAX_CONTEXT", 32768)),
                    help="longest conversation in tokens, prompt plus reply (ERNIE_STUDIO_MAX_CONTEXT; default 32768)")
-    p.add_argument("--concurrency", type=int, default=int(env("CONCURRENCY", 4)),
-                   help="simultaneous generations per model (ERNIE_STUDIO_CONCURRENCY; default 4)")
+    p.add_argument("--concurrency", type=int, default=int(env("CONCURRENCY", 8)),
+                   help="simultaneous generations per model, decoded as one batch (ERNIE_STUDIO_CONCURRENCY; default 8)")
+    p.add_argument("--quantize", choices=QUANTIZE_SETTINGS, default=env("QUANTIZE", "auto"),
+                   help="CPU weight format: int8 (weight-only), none (bf16/fp32), auto = int8 for chat models (ERNIE_STUDIO_QUANTIZE)")
     p.add_argument("--queue-size", type=int, default=int(env("QUEUE_SIZE", 64)),
                    help="requests waiting in the queue before new ones are turned away (ERNIE_STUDIO_QUEUE_SIZE; default 64)")
     p.add_argument("--cpu-limit-gb", type=float, default=env("CPU_LIMIT_GB"),
@@ -67,7 +69,7 @@ def main(argv: list[str] | None = None) -> None:
     chat_models = models_for(registry, CHAT)
     default_model = args.default_model if args.default_model in chat_models else chat_models[0]
     cpu_limit = None if args.cpu_limit_gb is None else int(float(args.cpu_limit_gb) * 2**30)
-    manager = ModelManager(registry, cpu_limit_bytes=cpu_limit, max_concurrency=args.concurrency)
+    manager = ModelManager(registry, cpu_limit_bytes=cpu_limit, max_concurrency=args.concurrency, quantize=args.quantize)
     if args.preload:
         manager.get(default_model)
     app = build_app(manager, default_model, notice, args.max_context, concurrency_limit=args.concurrency * len(registry))

@@ -1,20 +1,31 @@
-"""Ours against transformers on the same random weights at the real ERNIE 4.5 text configs.
+"""Text generation speed: ours (bf16, int8), transformers and llama.cpp on the same weights.
 
-Writes one random checkpoint in the official layout (models.factory), then runs each engine in a
-fresh subprocess (clean peak-memory figures) on the same files: load time, time to first token,
-batch-1 greedy decode tokens/s, peak memory. Prints a markdown table.
+Writes one random checkpoint at the real ERNIE 4.5 config (models.factory), then measures each
+engine in a fresh subprocess (clean peak-memory figures), one after the other, and prints two
+markdown tables:
+  1. per engine: time to first token of a 128- and a 2,048-token prompt, greedy decode tok/s
+     after 128 and after 4,096 tokens of context, sampled decode tok/s (temperature 0.8, top-k 50,
+     top-p 0.9), peak memory, and decode as a fraction of the memory-bandwidth bound (bandwidth
+     measured here / weight bytes streamed per token);
+  2. ours only: aggregate tok/s of 1/2/4/8 concurrent requests (continuous batching), and the
+     time to first token of a follow-up turn after 3,000 tokens of history (KV prefix reuse).
+llama.cpp runs when `--llama-cpp DIR` names the output of ../shared/tools/llamacpp-peer.sh
+(DIR/bin/llama-bench, DIR/model-bf16.gguf, DIR/model-q8_0.gguf made from this checkpoint).
 
-    python bench/bench_text.py --model 0.3b --device cpu
+    python bench/bench_text.py --model 0.3b --device cpu --llama-cpp /tmp/peer
     python bench/bench_text.py --model 21b --device cuda --dir /dev/shm/ernie21b
+    python bench/bench_text.py --model tiny   # seconds; what CI runs
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -23,9 +34,14 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from models.factory import ERNIE_0_3B_CONFIG, ERNIE_21B_A3B_CONFIG, write_checkpoint  # noqa: E402
+from models.factory import ERNIE_0_3B_CONFIG, ERNIE_21B_A3B_CONFIG, tiny_config, write_checkpoint  # noqa: E402
 
-CONFIGS = {"0.3b": ERNIE_0_3B_CONFIG, "21b": ERNIE_21B_A3B_CONFIG}
+CONFIGS = {"0.3b": ERNIE_0_3B_CONFIG, "21b": ERNIE_21B_A3B_CONFIG, "tiny": tiny_config("dense")}
+# Prompt lengths: (short, long, deep context, chat history); new tokens per timed run.
+SIZES = {"full": dict(short=128, long=2048, deep=4096, history=3000, new=64),
+         "tiny": dict(short=16, long=64, deep=128, history=100, new=8)}
+SAMPLED = dict(do_sample=True, temperature=0.8, top_k=50, top_p=0.9, seed=0)
+USERS = (1, 2, 4, 8)
 
 
 def sync(device: str) -> None:
@@ -33,105 +49,204 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def run_ours(folder: str, device: str, dtype: torch.dtype, prompt: list[int], new_tokens: int) -> list[float]:
-    from models import generate, load_model
+def random_prompt(vocab: int, n: int, seed: int) -> list[int]:
+    return torch.randint(300, min(vocab, 100000), (n,), generator=torch.Generator().manual_seed(seed)).tolist()
 
-    model = load_model(folder, device=device, dtype=dtype)
-    stamps = []
 
-    def timed_run() -> None:
-        stamps.clear()
-        sync(device)
-        stamps.append(time.perf_counter())
-        for _ in generate(model, prompt, new_tokens, eos_token_ids=[]):
-            stamps.append(time.perf_counter())  # the token id is already on the host: synced
-
-    timed_run()  # warm-up
-    timed_run()
+def stamps_of(tokens, device: str) -> list[float]:
+    """Start time, then the time each token arrived."""
+    sync(device)
+    stamps = [time.perf_counter()]
+    for _ in tokens:
+        stamps.append(time.perf_counter())  # the token id is already on the host: synced
     return stamps
 
 
-def run_transformers(folder: str, device: str, dtype: torch.dtype, prompt: list[int], new_tokens: int) -> list[float]:
+def figures(stamps: list[float]) -> tuple[float, float]:
+    """(time to first token in ms, decode tok/s over the tokens after the first)."""
+    decode = (len(stamps) - 2) / (stamps[-1] - stamps[1]) if len(stamps) > 2 else float("nan")
+    return (stamps[1] - stamps[0]) * 1e3, decode
+
+
+def weight_bytes(model: torch.nn.Module) -> int:
+    return sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
+
+
+def measure_ours(folder: str, device: str, dtype: torch.dtype, sizes: dict, quantize: str | None) -> dict:
+    from models import BatchGenerator, generate, load_model
+
+    model = load_model(folder, device=device, dtype=dtype, quantize=quantize)
+    vocab, new = model.config.vocab_size, sizes["new"]
+
+    def run(n_prompt: int, new_tokens: int = new, seed: int = 0, **sampling) -> tuple[float, float]:
+        prompt = random_prompt(vocab, n_prompt, seed)
+        return figures(stamps_of(generate(model, prompt, new_tokens, eos_token_ids=[], **sampling), device))
+
+    run(sizes["short"], 8)  # warm-up
+    result = {"ttft_short_ms": run(sizes["short"])[0], "decode_tok_s": run(sizes["short"])[1],
+              "ttft_long_ms": run(sizes["long"], 2)[0], "decode_deep_tok_s": run(sizes["deep"])[1],
+              "sampled_tok_s": run(sizes["short"], **SAMPLED)[1], "bytes_per_token": weight_bytes(model)}
+
+    batcher = BatchGenerator(model, slots=max(USERS))
+    for users in USERS:
+        done = []
+
+        def user(i: int) -> None:
+            done.append(len(list(batcher.generate(random_prompt(vocab, sizes["short"], 100 + i), new, eos_token_ids=[]))))
+
+        threads = [threading.Thread(target=user, args=(i,)) for i in range(users)]
+        started = time.perf_counter()
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        result[f"aggregate_{users}_tok_s"] = sum(done) / (time.perf_counter() - started)
+
+    first_turn = random_prompt(vocab, sizes["short"], 7)
+    result["ttft_first_turn_ms"] = figures(stamps_of(batcher.generate(first_turn, 2, eos_token_ids=[]), device))[0]
+    history = random_prompt(vocab, sizes["history"], 8)
+    reply = list(batcher.generate(history, new, eos_token_ids=[]))
+    follow_up = history + reply + random_prompt(vocab, sizes["short"], 9)
+    result["ttft_follow_up_ms"] = figures(stamps_of(batcher.generate(follow_up, 2, eos_token_ids=[]), device))[0]
+    return result
+
+
+def measure_transformers(folder: str, device: str, dtype: torch.dtype, sizes: dict) -> dict:
     from transformers import AutoModelForCausalLM
     from transformers.generation.streamers import BaseStreamer
 
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, device_map=device).eval()
-    stamps: list[float] = []
+    vocab = model.config.vocab_size
 
-    class Clock(BaseStreamer):
-        def put(self, value: torch.Tensor) -> None:  # called with the prompt, then each new token
-            sync(device)
-            stamps.append(time.perf_counter())
+    def run(n_prompt: int, new_tokens: int = sizes["new"], **sampling) -> tuple[float, float]:
+        stamps: list[float] = []
 
-        def end(self) -> None:
-            pass
+        class Clock(BaseStreamer):
+            def put(self, value: torch.Tensor) -> None:  # called with the prompt, then each new token
+                sync(device)
+                stamps.append(time.perf_counter())
 
-    ids = torch.tensor([prompt], device=device)
+            def end(self) -> None:
+                pass
 
-    def timed_run() -> None:
-        stamps.clear()
+        ids = torch.tensor([random_prompt(vocab, n_prompt, 0)], device=device)
         sync(device)
+        start = time.perf_counter()
         with torch.inference_mode():
-            model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, streamer=Clock())
+            model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, streamer=Clock(),
+                           **(sampling or {"do_sample": False}))
+        return figures([start, *stamps[1:]])
 
-    timed_run()
-    timed_run()
-    return stamps
+    run(sizes["short"], 8)
+    sampled = {k: v for k, v in SAMPLED.items() if k != "seed"}
+    return {"ttft_short_ms": run(sizes["short"])[0], "decode_tok_s": run(sizes["short"])[1],
+            "ttft_long_ms": run(sizes["long"], 2)[0], "decode_deep_tok_s": run(sizes["deep"])[1],
+            "sampled_tok_s": run(sizes["short"], **sampled)[1], "bytes_per_token": weight_bytes(model)}
 
 
-ENGINES = {"ours": run_ours, "transformers": run_transformers}
+def measure_llama_cpp(peer: str, quant: str, sizes: dict) -> dict:
+    """llama-bench: prefill (pp) and decode (tg) rates, decode at depth; greedy only (it does not
+    sample). Time to first token is the prompt's prefill time."""
+    gguf = Path(peer) / f"model-{quant}.gguf"
+    env = {**os.environ, "LD_LIBRARY_PATH": str(Path(peer) / "bin")}
+    threads = str(torch.get_num_threads())
+
+    def bench(*args: str) -> list[dict]:
+        out = subprocess.run([str(Path(peer) / "bin" / "llama-bench"), "-m", str(gguf), "-t", threads, "-r", "2", "-o", "json", *args],
+                             env=env, check=True, capture_output=True, text=True).stdout
+        return json.loads(out)
+
+    rows = bench("-p", f"{sizes['short']},{sizes['long']}", "-n", str(sizes["new"]))
+    deep = bench("-p", "0", "-n", str(sizes["new"]), "-d", str(sizes["deep"]))
+    rate = {(r["n_prompt"], r["n_gen"]): r["avg_ts"] for r in rows}
+    return {"ttft_short_ms": sizes["short"] / rate[(sizes["short"], 0)] * 1e3, "decode_tok_s": rate[(0, sizes["new"])],
+            "ttft_long_ms": sizes["long"] / rate[(sizes["long"], 0)] * 1e3, "decode_deep_tok_s": deep[0]["avg_ts"],
+            "sampled_tok_s": float("nan"), "bytes_per_token": gguf.stat().st_size}
 
 
-def measure(engine: str, folder: str, device: str, dtype: str, prompt_len: int, new_tokens: int) -> dict:
-    """One engine, in this process; returns the figures as a dict."""
-    torch.manual_seed(0)
-    vocab = json.loads((Path(folder) / "config.json").read_text())["vocab_size"]
-    prompt = torch.randint(300, min(vocab, 100000), (prompt_len,)).tolist()
-    if device.startswith("cuda"):
+def measure(engine: str, args: argparse.Namespace) -> dict:
+    """One engine, in this process; returns its figures."""
+    sizes, dtype = SIZES["tiny" if args.model == "tiny" else "full"], getattr(torch, args.dtype)
+    if args.device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
-    stamps = ENGINES[engine](folder, device, getattr(torch, dtype), prompt, new_tokens)
-    first, last = stamps[1], stamps[-1]
-    peak = (
-        torch.cuda.max_memory_allocated() / 2**30
-        if device.startswith("cuda")
-        else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-    )
-    return {
-        "engine": engine,
-        "ttft_ms": (first - stamps[0]) * 1e3,
-        "decode_tok_s": (len(stamps) - 2) / (last - first),
-        "peak_gib": peak,
-    }
+    if engine.startswith("llama.cpp"):
+        result = measure_llama_cpp(args.llama_cpp, engine.split("-", 1)[1], sizes)
+        peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20
+    else:
+        if engine == "transformers":
+            result = measure_transformers(args.dir, args.device, dtype, sizes)
+        else:
+            result = measure_ours(args.dir, args.device, dtype, sizes, "int8" if engine == "ours-int8" else None)
+        peak = (torch.cuda.max_memory_allocated() if args.device.startswith("cuda")
+                else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2**30
+    return {"engine": engine, "peak_gib": peak, **result}
+
+
+def memory_bandwidth(device: str) -> float:
+    """Bytes/s of reading a 1 GiB fp32 tensor (best of 5 sums)."""
+    x = torch.ones(2**28, device=device)
+    best = float("inf")
+    for _ in range(5):
+        sync(device)
+        t = time.perf_counter()
+        x.sum()
+        sync(device)
+        best = min(best, time.perf_counter() - t)
+    return x.numel() * 4 / best
+
+
+def print_tables(rows: list[dict], bandwidth: float, sizes: dict, title: str) -> None:
+    print(f"\n{title}\n")
+    s = sizes
+    print(f"| engine | TTFT {s['short']} (ms) | TTFT {s['long']} (ms) | decode (tok/s) | decode at {s['deep']} ctx (tok/s) "
+          f"| sampled decode (tok/s) | peak memory (GiB) | of bandwidth bound |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        bound = bandwidth / r["bytes_per_token"]
+        print(f"| {r['engine']} | {r['ttft_short_ms']:.0f} | {r['ttft_long_ms']:.0f} | {r['decode_tok_s']:.1f} | "
+              f"{r['decode_deep_tok_s']:.1f} | {r['sampled_tok_s']:.1f} | {r['peak_gib']:.2f} | "
+              f"{r['decode_tok_s'] / bound:.0%} of {bound:.0f} tok/s |")
+    ours = [r for r in rows if "aggregate_1_tok_s" in r]
+    if ours:
+        print(f"\nConcurrent requests ({s['short']}-token prompts, {s['new']} new tokens each; aggregate tok/s, "
+              f"prefill included) and a follow-up turn's TTFT after {s['history']:,} tokens of history\n")
+        print("| engine | " + " | ".join(f"{u} user{'s' * (u > 1)}" for u in USERS) + " | 8 users / 1 | TTFT first turn (ms) | TTFT follow-up (ms) |")
+        print("|---|" + "---|" * (len(USERS) + 3))
+        for r in ours:
+            aggregate = [r[f"aggregate_{u}_tok_s"] for u in USERS]
+            print(f"| {r['engine']} | " + " | ".join(f"{a:.1f}" for a in aggregate) +
+                  f" | {aggregate[-1] / aggregate[0]:.1f}x | {r['ttft_first_turn_ms']:.0f} | {r['ttft_follow_up_ms']:.0f} |")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", choices=CONFIGS, default="0.3b")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", default=None, help="default: bfloat16 on cuda, float32 on cpu")
-    parser.add_argument("--prompt-len", type=int, default=128)
-    parser.add_argument("--new-tokens", type=int, default=64)
-    parser.add_argument("--engines", default="ours,transformers")
+    parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--engines", default=None, help="comma-separated; default: ours, ours-int8 (CPU), transformers, llama.cpp-bf16/-q8_0 (with --llama-cpp)")
+    parser.add_argument("--llama-cpp", default=None, help="output folder of ../shared/tools/llamacpp-peer.sh for this checkpoint")
     parser.add_argument("--dir", default=None, help="where to write the random checkpoint (reused if present)")
     parser.add_argument("--one", default=None, help=argparse.SUPPRESS)  # internal: run one engine
     args = parser.parse_args()
-    dtype = args.dtype or ("float32" if args.device == "cpu" else "bfloat16")
 
     if args.one:
-        print(json.dumps(measure(args.one, args.dir, args.device, dtype, args.prompt_len, args.new_tokens)))
+        print(json.dumps(measure(args.one, args)))
         return
-
     folder = Path(args.dir or Path(tempfile.gettempdir()) / f"ernie-bench-{args.model}")
     if not (folder / "config.json").is_file():
         t = time.perf_counter()
         write_checkpoint(folder, CONFIGS[args.model], max_shard_bytes=5 * 2**30, tokenizer=False)
         print(f"wrote random checkpoint to {folder} in {time.perf_counter() - t:.0f} s", file=sys.stderr)
+    engines = args.engines.split(",") if args.engines else [
+        "ours", *(["ours-int8"] if args.device == "cpu" else []), "transformers",
+        *(["llama.cpp-bf16", "llama.cpp-q8_0"] if args.llama_cpp else [])]
     rows = []
-    for engine in args.engines.split(","):
-        command = [sys.executable, __file__, "--one", engine, "--dir", str(folder), "--device", args.device,
-                   "--dtype", dtype, "--prompt-len", str(args.prompt_len), "--new-tokens", str(args.new_tokens)]
+    for engine in engines:
+        command = [sys.executable, __file__, "--one", engine, "--dir", str(folder), "--model", args.model,
+                   "--device", args.device, "--dtype", args.dtype] + (["--llama-cpp", args.llama_cpp] if args.llama_cpp else [])
         out = subprocess.run(command, check=True, capture_output=True, text=True).stdout
         rows.append(json.loads(out.strip().splitlines()[-1]))
+        print(f"measured {engine}", file=sys.stderr)
     versions = f"torch {torch.__version__}"
     try:
         import transformers
@@ -139,14 +254,11 @@ def main() -> None:
         versions += f", transformers {transformers.__version__}"
     except ImportError:
         pass
+    bandwidth = memory_bandwidth(args.device)
     device_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"CPU, {torch.get_num_threads()} threads"
-    print(f"\nERNIE-4.5 {args.model} random weights, {dtype}, {device_name}, {versions}; "
-          f"prompt {args.prompt_len} tokens, {args.new_tokens} new tokens, batch 1, greedy\n")
-    memory = "peak GPU memory (GiB)" if args.device.startswith("cuda") else "peak RSS (GiB)"
-    print(f"| engine | time to first token (ms) | decode (tok/s) | {memory} |")
-    print("|---|---|---|---|")
-    for r in rows:
-        print(f"| {r['engine']} | {r['ttft_ms']:.1f} | {r['decode_tok_s']:.1f} | {r['peak_gib']:.2f} |")
+    sizes = SIZES["tiny" if args.model == "tiny" else "full"]
+    print_tables(rows, bandwidth, sizes, f"ERNIE-4.5 {args.model} random weights, {args.dtype} activations, {device_name}, "
+                 f"{versions}; {sizes['new']} new tokens per run, greedy unless sampled; memory bandwidth {bandwidth / 1e9:.1f} GB/s")
 
 
 if __name__ == "__main__":

@@ -1,14 +1,16 @@
 """Streaming generation for the chat: a conversation in, the reply as it grows out.
 
 One decode step per iteration: a consumer that stops iterating (Stop button, a client that went
-away) stops the model work within one step. Concurrent conversations on one model each have their
-own KV cache; their steps interleave under the model's step lock.
+away) stops the model work within one step. Concurrent conversations on a text model are decoded
+together by its `BatchGenerator` (one forward pass per step for all of them, each with its own KV
+cache); the VL models' turns take their steps in turn under the model's step lock.
 """
 from __future__ import annotations
 
 import math
 import threading
 import time
+from contextlib import nullcontext
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -166,17 +168,23 @@ def stream_reply(
     # Stop tokens never reach the decoder; other special tokens stay visible, since a thinking
     # model's <think>/</think> may be special tokens and the reasoning parser needs them.
     decoder = loaded.tokenizer.stream_decoder(skip_special_tokens=False)
-    tokens = generate(loaded.model, ids, budget, eos_token_ids=sorted(stops), **sampling.resolved(loaded.generation_config),
-                      **media)
+    settings = dict(eos_token_ids=sorted(stops), **sampling.resolved(loaded.generation_config))
+    if loaded.batcher is not None:
+        tokens, step_lock = loaded.batcher.generate(ids, budget, cancel=cancel, **settings), nullcontext()
+    else:
+        tokens, step_lock = generate(loaded.model, ids, budget, **settings, **media), loaded.step_lock
     try:
         while True:
             if cancel is not None and cancel.is_set():
                 reply.stop_reason = "cancelled"
                 break
-            with loaded.step_lock:
+            with step_lock:
                 token = next(tokens, None)
             if token is None:
-                reply.stop_reason = "max_new_tokens" if budget == sampling.max_new_tokens else "context"
+                if cancel is not None and cancel.is_set():
+                    reply.stop_reason = "cancelled"
+                else:
+                    reply.stop_reason = "max_new_tokens" if budget == sampling.max_new_tokens else "context"
                 break
             now = time.perf_counter()
             reply.first_token_at = reply.first_token_at or now

@@ -11,7 +11,8 @@ CHAT, VISION, CLASSIFY = "chat", "vision", "classify"  # the tabs that offer a m
 class ModelSpec:
     """One selectable model. `source` is a hub repo id or a local folder; `params_b` (billions of
     parameters) sizes the placement decision before anything is downloaded; `task` is the tab that
-    offers it."""
+    offers it; `quantize` ("int8", "none", or None for the app's --quantize setting) chooses the
+    CPU weight format."""
 
     name: str
     source: str
@@ -20,6 +21,7 @@ class ModelSpec:
     thinking: bool = False
     random_weights: bool = False
     revision: str | None = None
+    quantize: str | None = None
 
     @property
     def label(self) -> str:

@@ -1,4 +1,5 @@
 """ERNIE 4.5 (dense, MoE, VL) and ErnieM in plain PyTorch, loading the official hub checkpoints (no transformers)."""
+from .batching import BatchGenerator
 from .ernie4_5 import Ernie45Config, Ernie45ForCausalLM
 from .ernie4_5_vl import Ernie45VLConfig, Ernie45VLForConditionalGeneration
 from .ernie4_5_vl_processor import Ernie45VLProcessor, load_processor
@@ -10,6 +11,7 @@ from .loader import CheckpointError, load_model
 from .tokenizer import Tokenizer, load_tokenizer
 
 __all__ = [
+    "BatchGenerator",
     "CheckpointError",
     "Ernie45Config",
     "Ernie45ForCausalLM",

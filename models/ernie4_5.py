@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .layers import MLP, Attention, KVCache, RMSNorm, rope_cos_sin, rope_inv_freq
+from .layers import MLP, Attention, BatchStep, KVCache, RMSNorm, rope_cos_sin, rope_inv_freq
 
 DENSE_ARCHITECTURES = ("Ernie4_5ForCausalLM", "Ernie4_5_ForCausalLM")
 MOE_ARCHITECTURES = ("Ernie4_5_MoeForCausalLM",)
@@ -228,7 +228,7 @@ class DecoderLayer(nn.Module):
         x: torch.Tensor,
         cos: torch.Tensor,
         sin: torch.Tensor,
-        cache: KVCache | None,
+        cache: KVCache | BatchStep | None,
         start: int,
         vision_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
@@ -256,6 +256,7 @@ class Ernie45ForCausalLM(nn.Module):
         self.model = Ernie45Model(config)
         self.lm_head = None if config.tie_word_embeddings else nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self._inv_freq: torch.Tensor | None = None
+        self.fast_decode = None  # a compiled one-token step (models.compiled), set by load_model
 
     @property
     def device(self) -> torch.device:
@@ -264,7 +265,8 @@ class Ernie45ForCausalLM(nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.model.embed_tokens.weight.dtype
+        """The activations' dtype (an int8-quantised model keeps its norms in it)."""
+        return self.model.norm.weight.dtype
 
     def cast(self, dtype: torch.dtype) -> Ernie45ForCausalLM:
         """Cast to `dtype`, keeping the routers and correction biases in fp32 as the checkpoints do."""
@@ -319,7 +321,14 @@ class Ernie45ForCausalLM(nn.Module):
         x = self.model.embed_tokens(input_ids)
         positions = torch.arange(start, start + input_ids.shape[1], device=x.device)
         cos, sin = rope_cos_sin(positions[None], self.inv_freq(x.device))
-        return self.decode(x, cos, sin, cache, start, last_only)
+        return self.decode(x, cos, sin, cache, start, [-1] if last_only else None)
+
+    def forward_step(self, step: BatchStep, input_ids: torch.Tensor, logits_at: list[int]) -> torch.Tensor:
+        """Logits [1, len(logits_at), V] at the given token indices of one batched step over
+        several sequences (`input_ids` [N] in the step's token order)."""
+        x = self.model.embed_tokens(input_ids[None])
+        cos, sin = rope_cos_sin(step.positions.to(x.device)[None], self.inv_freq(x.device))
+        return self.decode(x, cos, sin, step, 0, logits_at)
 
     def inv_freq(self, device: torch.device) -> torch.Tensor:
         if self._inv_freq is None or self._inv_freq.device != device:
@@ -331,20 +340,23 @@ class Ernie45ForCausalLM(nn.Module):
         x: torch.Tensor,
         cos: torch.Tensor,
         sin: torch.Tensor,
-        cache: KVCache | None,
+        cache: KVCache | BatchStep | None,
         start: int,
-        last_only: bool,
+        logits_at: list[int] | None,
         vision_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Logits from input embeddings x [B, T, d] and their rotary cos/sin (the decoder stack
-        and the head, shared with the VL model)."""
+        and the head, shared with the VL model), at the token indices `logits_at` (all if None:
+        the head is the largest matmul, so generation asks for the rows it samples from only)."""
         for layer in self.model.layers:
             device = layer.input_layernorm.weight.device
             if x.device != device:  # a model split across devices by layers
                 x, cos, sin = x.to(device), cos.to(device), sin.to(device)
                 vision_mask = None if vision_mask is None else vision_mask.to(device)
             x = layer(x, cos, sin, cache, start, vision_mask)
-        x = x[:, -1:] if last_only else x
+        x = x if logits_at is None else x[:, logits_at]
         x = self.model.norm(x.to(self.model.norm.weight.device))
-        weight = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+        if self.lm_head is not None:  # untied, or quantised
+            return self.lm_head(x.to(self.lm_head.weight.device))
+        weight = self.model.embed_tokens.weight
         return F.linear(x.to(weight.device), weight)

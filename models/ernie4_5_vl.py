@@ -328,7 +328,7 @@ class Ernie45VLForConditionalGeneration(Ernie45ForCausalLM):
             vision_mask = None
         axis = torch.tensor(self.axis_of_freq, device=x.device)
         cos, sin = rope_cos_sin(positions, self.inv_freq(x.device), axis)
-        return self.decode(x, cos, sin, cache, start, last_only, vision_mask)
+        return self.decode(x, cos, sin, cache, start, [-1] if last_only else None, vision_mask)
 
     def prompt_layout(
         self, input_ids: torch.Tensor, image_grid_thw: torch.Tensor | None, video_grid_thw: torch.Tensor | None

@@ -92,16 +92,45 @@ class KVCache:
         self.keys = [torch.zeros(shape, dtype=dtype, device=devices[i]) for i in range(num_layers)]
         self.values = [torch.zeros(shape, dtype=dtype, device=devices[i]) for i in range(num_layers)]
 
-    def update(
-        self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write k, v at positions start.. and return the keys/values of positions 0..end."""
+    def reserve(self, length: int) -> None:
+        """Make room for `length` positions (the next power of two), keeping the entries: for a
+        cache that grows with its conversation, between steps, never within one."""
+        if length <= self.capacity:
+            return
+        self.capacity = 1 << (length - 1).bit_length()
+        for store in (self.keys, self.values):
+            for i, old in enumerate(store):
+                store[i] = old.new_zeros((*old.shape[:2], self.capacity, old.shape[3]))
+                store[i][:, :, : old.shape[2]] = old
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int) -> torch.Tensor:
+        """Write the new keys/values at positions start.. and attend the queries over 0..end."""
         end = start + k.shape[2]
         if end > self.capacity:
             raise ValueError(f"KV cache is full: {end} positions needed, capacity {self.capacity}")
         self.keys[layer][:, :, start:end] = k
         self.values[layer][:, :, start:end] = v
-        return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
+        return sdpa(q, self.keys[layer][:, :, :end], self.values[layer][:, :, :end], start)
+
+
+class BatchStep:
+    """The layout of one forward pass over new tokens of several sequences, each with its own
+    cache: the tokens form one row [1, N] (every matmul then streams the weights once for all of
+    them), sequence after sequence; attention is per sequence, over its own cache."""
+
+    def __init__(self, segments: list[tuple[KVCache, int, int]]) -> None:
+        """segments: (cache, start, length) of each sequence's new tokens, in token order."""
+        self.segments = segments
+        self.positions = torch.tensor([p for _, start, n in segments for p in range(start, start + n)])
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int = 0) -> torch.Tensor:
+        """q: [1, H, N, D]; k, v: [1, K, N, D] of the step's tokens. Returns [1, H, N, D]."""
+        outs, offset = [], 0
+        for cache, begin, n in self.segments:
+            rows = slice(offset, offset + n)
+            outs.append(cache.attend(layer, q[:, :, rows], k[:, :, rows], v[:, :, rows], begin))
+            offset += n
+        return torch.cat(outs, dim=2) if len(outs) > 1 else outs[0]
 
 
 class Attention(nn.Module):
@@ -122,7 +151,7 @@ class Attention(nn.Module):
         x: torch.Tensor,
         cos: torch.Tensor,
         sin: torch.Tensor,
-        cache: KVCache | None = None,
+        cache: KVCache | BatchStep | None = None,
         layer: int = 0,
         start: int = 0,
     ) -> torch.Tensor:
@@ -131,9 +160,7 @@ class Attention(nn.Module):
         k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_interleaved_rope(q, cos, sin), apply_interleaved_rope(k, cos, sin)
-        if cache is not None:
-            k, v = cache.update(layer, start, k, v)
-        out = sdpa(q, k, v, start)
+        out = sdpa(q, k, v, 0) if cache is None else cache.attend(layer, q, k, v, start)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
 
 

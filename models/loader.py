@@ -22,7 +22,9 @@ from torch import nn
 from .ernie4_5 import DENSE_ARCHITECTURES, MOE_ARCHITECTURES, Ernie45ForCausalLM
 from .ernie4_5_vl import VL_ARCHITECTURES, Ernie45VLForConditionalGeneration
 from .ernie_m import ErnieMForSequenceClassification, ErnieMModel
+from .compiled import CompiledDecode, compile_wanted
 from .hub import resolve_checkpoint
+from .quantize import QUANTIZE_MODES, quantize_int8
 
 # config.json `architectures[0]` -> model class. A class provides `config_class.from_dict(raw)`,
 # `cast`, `checkpoint_targets(names)` (its tensors keyed as a file with those names stores them),
@@ -141,12 +143,20 @@ def load_model(
     device: str | torch.device | dict[str, str | torch.device] | None = None,
     dtype: torch.dtype | None = None,
     revision: str | None = None,
+    quantize: str | None = None,
+    compile_decode: bool | None = None,
 ) -> nn.Module:
     """Load an ERNIE checkpoint (hub id or local folder) ready for inference: the model class
     follows config.json's `architectures` (see MODEL_CLASSES): ERNIE 4.5 text or VL, or ErnieM.
 
     `device` is one device, or a device map {module name: device} (as accelerate's
-    `infer_auto_device_map` produces; "" is the whole model) to split a model by layers."""
+    `infer_auto_device_map` produces; "" is the whole model) to split a model by layers.
+    `quantize="int8"` stores an ERNIE 4.5 model's linear layers and head as int8 with
+    per-channel scales (CPU; see models.quantize). `compile_decode` compiles the one-token decode
+    step in the background (models.compiled); None: by default for dense text models on the CPU,
+    unless ERNIE_STUDIO_COMPILE=0."""
+    if quantize not in QUANTIZE_MODES:
+        raise ValueError(f"quantize must be one of {QUANTIZE_MODES}, got {quantize!r}")
     folder = resolve_checkpoint(path_or_repo_id, revision)
     raw = read_config(folder)
     cls = model_class(raw)
@@ -178,4 +188,10 @@ def load_model(
             for key, tensor in read_tensors(file):
                 if key in targets:  # else ignored (see ignores_checkpoint_key)
                     targets[key].copy_(tensor)
+    if quantize is not None:
+        if not isinstance(model, Ernie45ForCausalLM):
+            raise ValueError(f"quantize={quantize!r} applies to ERNIE 4.5 models, not {cls.__name__}")
+        quantize_int8(model)
+    if compile_wanted(model, compile_decode):
+        model.fast_decode = CompiledDecode(model)
     return model

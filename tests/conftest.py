@@ -10,6 +10,9 @@ import pytest
 os.environ["HF_HUB_OFFLINE"] = "1"  # tests never touch the network
 os.environ.setdefault("ERNIE_STUDIO_CACHE", tempfile.mkdtemp(prefix="ernie-studio-test-"))
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+# Eager decoding unless a test asks for the compiled step (tests/test_compiled.py): a background
+# compile per loaded model would take the CI machine's cores for minutes.
+os.environ["ERNIE_STUDIO_COMPILE"] = "0"
 
 
 @pytest.fixture(scope="session")

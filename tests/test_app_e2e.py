@@ -102,14 +102,14 @@ def test_stop_ends_generation(client, server, demo_names, monkeypatch):
 def slow_step_counter(loaded, monkeypatch) -> list[float]:
     """Record every forward step of `loaded` (and slow it, so a long reply is still running)."""
     steps = []
-    original = loaded.model.forward
+    original = loaded.model.forward_step
 
     def counting_forward(*args, **kwargs):
         steps.append(time.perf_counter())
         time.sleep(0.02)
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(loaded.model, "forward", counting_forward)
+    monkeypatch.setattr(loaded.model, "forward_step", counting_forward)
     return steps
 
 
@@ -191,7 +191,7 @@ def test_refusals_log_one_line_and_faults_name_no_exception_class(client, server
     def broken_forward(*args, **kwargs):
         raise RuntimeError("kernel exploded")
 
-    monkeypatch.setattr(manager.get(demo_names[0]).model, "forward", broken_forward)
+    monkeypatch.setattr(manager.get(demo_names[0]).model, "forward_step", broken_forward)
     with pytest.raises(AppError) as failure:
         client.predict("hi", demo_names[0], "", 8, 0.0, api_name="/chat")
     assert str(failure.value) == SERVER_FAULT  # the log has the details; the user gets no class names

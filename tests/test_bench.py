@@ -14,3 +14,11 @@ def test_classification_benchmark_runs_at_tiny_size():
     assert result.returncode == 0, result.stderr[-2000:]
     rows = [line for line in result.stdout.splitlines() if line.startswith("| ours") or line.startswith("| transformers")]
     assert len(rows) >= 2 and all(len(row.split("|")) == 5 for row in rows)
+
+
+def test_text_benchmark_runs_at_tiny_size(tmp_path):
+    result = subprocess.run([sys.executable, "bench/bench_text.py", "--model", "tiny", "--dir", str(tmp_path / "tiny")],
+                            cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    engines = [line.split("|")[1].strip() for line in result.stdout.splitlines() if line.startswith("| ours") or line.startswith("| transformers")]
+    assert engines == ["ours", "ours-int8", "transformers", "ours", "ours-int8"]  # both tables

@@ -1,0 +1,219 @@
+"""Continuous batching: many requests on one text model, their steps in one forward pass.
+
+A scheduler thread owns the model. Each step feeds one token of every decoding request plus
+chunks of the newcomers' prompts, flattened into one row of tokens (`layers.BatchStep`): decoding
+is memory-bound, so the weights stream once for all rows and eight requests cost little more than
+one. Requests join and leave between steps; each keeps its own sampling settings, stop ids, seed
+and cancellation, and a long prompt is prefilled a chunk per step, so it never stalls the others
+for long and a cancelled request stops between chunks. A finished request leaves its keys/values
+in its slot: a new request that starts with the same tokens (the next turn of a chat) reuses them
+instead of prefilling them again.
+"""
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from .ernie4_5 import Ernie45ForCausalLM
+from .compiled import decode_step
+from .generation import Sampler
+from .layers import BatchStep, KVCache
+
+_END = object()  # queued after a request's last token
+MIN_CAPACITY = 256  # positions a slot's cache starts with; it doubles as needed
+
+
+@dataclass
+class Request:
+    ids: list[int]
+    max_new_tokens: int
+    sampler: Sampler
+    stop_ids: frozenset[int]
+    cancel: threading.Event | None
+    tokens: queue.SimpleQueue = field(default_factory=queue.SimpleQueue)
+    closed: bool = False  # the consumer went away
+    slot: Slot | None = None
+    prompt_done: int = 0  # prompt tokens whose keys/values are in the slot
+    generated: int = 0
+    pending: int | None = None  # the last sampled token, fed at the next step
+
+    @property
+    def abandoned(self) -> bool:
+        return self.closed or (self.cancel is not None and self.cancel.is_set())
+
+
+@dataclass
+class Slot:
+    """A KV cache that requests take turns on; `tokens` are those whose keys/values it holds."""
+
+    cache: KVCache
+    tokens: list[int] = field(default_factory=list)
+    request: Request | None = None
+    last_used: float = 0.0
+
+
+def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+class BatchGenerator:
+    """Serves `generate` calls from any number of threads on one model, batching their steps.
+
+    `slots` requests run at once (others wait for a slot); a step prefills at most
+    `chunk_tokens` prompt tokens while other requests decode, `solo_chunk_tokens` when none does.
+    Each slot's cache grows with its conversation, so memory follows the tokens held. The
+    scheduler thread runs only while there is work, so an idle generator holds no thread.
+    """
+
+    def __init__(self, model: Ernie45ForCausalLM, slots: int = 8, chunk_tokens: int = 128, solo_chunk_tokens: int = 512) -> None:
+        self.model = model
+        self.chunk_tokens, self.solo_chunk_tokens = chunk_tokens, solo_chunk_tokens
+        self.slots = [Slot(model.new_cache(1, MIN_CAPACITY)) for _ in range(slots)]
+        self.steps = 0  # forward passes run so far (for tests and statistics)
+        self._waiting: list[Request] = []
+        self._active: list[Request] = []
+        self._wake = threading.Condition()
+        self._running = False
+
+    def generate(
+        self,
+        input_ids: Sequence[int] | torch.Tensor,
+        max_new_tokens: int,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        top_k: int = 0,
+        repetition_penalty: float = 1.0,
+        eos_token_ids: Sequence[int] | None = None,
+        seed: int | None = None,
+        cancel: threading.Event | None = None,
+    ) -> Iterator[int]:
+        """Yield up to `max_new_tokens` new token ids, as `models.generate` does for one prompt
+        alone (the same greedy tokens). Setting `cancel`, or closing the iterator, ends the
+        request at the next step."""
+        ids = torch.as_tensor(input_ids, dtype=torch.long).reshape(-1)
+        if ids.numel() == 0:
+            raise ValueError("generate needs at least one prompt token")
+        if max_new_tokens <= 0:
+            return
+        config = self.model.config
+        stop = frozenset(config.eos_token_ids if eos_token_ids is None else eos_token_ids)
+        sampler = Sampler(ids.to(self.model.device), config.vocab_size, do_sample, temperature, top_p, top_k, repetition_penalty, seed)
+        request = Request(ids.tolist(), max_new_tokens, sampler, stop, cancel)
+        with self._wake:
+            self._waiting.append(request)
+            if not self._running:
+                self._running = True
+                # Not a daemon: a daemon thread inside a torch kernel at interpreter exit aborts
+                # the process; this one ends by itself once no request is left.
+                threading.Thread(target=self._run, name="batch-generator").start()
+        try:
+            while (item := request.tokens.get()) is not _END:
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            request.closed = True  # a consumer that went away frees its slot at the next step
+
+    @property
+    def busy(self) -> bool:
+        """Whether the scheduler thread is running (it stops when no request is left)."""
+        return self._running
+
+    def _run(self) -> None:
+        while True:
+            with self._wake:
+                for request in [r for r in self._waiting if r.abandoned]:
+                    request.tokens.put(_END)
+                    self._waiting.remove(request)
+                if not self._active and not self._waiting:
+                    self._running = False
+                    return
+                self._admit()
+            try:
+                self._step()
+            except Exception as error:  # a failed step ends its requests, not the scheduler
+                for request in list(self._active):
+                    self._finish(request, error)
+
+    def _admit(self) -> None:
+        """Give waiting requests free slots, each the one holding the longest prefix of its
+        prompt (else the least recently used)."""
+        while self._waiting:
+            free = [slot for slot in self.slots if slot.request is None]
+            if not free:
+                return
+            request = self._waiting.pop(0)
+            # At least the last prompt token is fed again: its logits choose the first new token.
+            reuse = [common_prefix(slot.tokens, request.ids[:-1]) for slot in free]
+            best = max(range(len(free)), key=lambda i: (reuse[i], -free[i].last_used))
+            slot = free[best]
+            del slot.tokens[reuse[best]:]
+            slot.request, request.slot, request.prompt_done = request, slot, reuse[best]
+            self._active.append(request)
+
+    @torch.inference_mode()
+    def _step(self) -> None:
+        for request in [r for r in self._active if r.abandoned]:
+            self._finish(request)
+        if not self._active:
+            return
+        decoding = [r for r in self._active if r.pending is not None]
+        budget = self.chunk_tokens if decoding else self.solo_chunk_tokens
+        chunks = []
+        for request in (r for r in self._active if r.pending is None):
+            n = min(budget, len(request.ids) - request.prompt_done)
+            if n <= 0:
+                break
+            chunks.append((request, request.prompt_done, n))
+            budget -= n
+        ids = [r.pending for r in decoding] + [t for r, begin, n in chunks for t in r.ids[begin : begin + n]]
+        segments = [(r.slot.cache, len(r.slot.tokens), 1) for r in decoding] + [(r.slot.cache, begin, n) for r, begin, n in chunks]
+        for cache, begin, n in segments:
+            cache.reserve(begin + n)
+        step = BatchStep(segments)
+        sampling = list(decoding)
+        rows = list(range(len(decoding)))
+        offset = len(decoding)
+        for request, begin, n in chunks:
+            offset += n
+            if begin + n == len(request.ids):  # the prompt is complete: sample its first token
+                sampling.append(request)
+                rows.append(offset - 1)
+        if len(segments) == 1 and not chunks:  # one user decoding: the compiled step, when ready
+            cache, begin, _ = segments[0]
+            logits = decode_step(self.model, torch.tensor([ids], device=self.model.device), cache, begin)[0]
+        else:
+            logits = self.model.forward_step(step, torch.tensor(ids, device=self.model.device), rows)[0]
+        self.steps += 1
+        for request in decoding:
+            request.slot.tokens.append(request.pending)
+        for request, begin, n in chunks:
+            request.slot.tokens.extend(request.ids[begin : begin + n])
+            request.prompt_done = begin + n
+        if not sampling:
+            return
+        tokens = torch.stack([r.sampler(logits[i]) for i, r in enumerate(sampling)]).tolist()  # one host sync
+        for request, token in zip(sampling, tokens):
+            request.generated += 1
+            request.tokens.put(token)
+            if token in request.stop_ids or request.generated == request.max_new_tokens:
+                self._finish(request)
+            else:
+                request.pending = token
+
+    def _finish(self, request: Request, error: BaseException | None = None) -> None:
+        request.tokens.put(_END if error is None else error)
+        slot = request.slot
+        slot.request, slot.last_used = None, time.monotonic()
+        self._active.remove(request)
