@@ -18,6 +18,7 @@ from .engine import Sampling, UserError, sampling_defaults, stream_reply
 from .manager import ModelManager
 from .registry import CHAT, VISION, models_for
 from .turns import RunningTurns, Turn, check_message, conversation, message_files, message_text, refuse, status
+from .zerogpu import gpu
 
 SLOT_WAIT_SECONDS = 0.5
 
@@ -164,6 +165,7 @@ def build_conversation(manager: ModelManager, default_model: str, max_context: i
     def example(history, selected: gr.SelectData):
         return accept(selected.value, history)
 
+    @gpu
     def respond(content, history, model_name, system, max_new_tokens, temperature, top_p, top_k, repetition_penalty,
                 seed, stop_sequences, fps, max_frames, think, request: gr.Request, progress=gr.Progress(track_tqdm=True)):
         if content is None or content[0] != session.running.epoch(request.session_hash):
