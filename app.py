@@ -5,6 +5,8 @@ import argparse
 import logging
 import os
 
+import gradio as gr
+
 from ernie_app.demo import demo_models, hub_reachable, weights_cached
 from ernie_app.manager import QUANTIZE_SETTINGS, ModelManager
 from ernie_app.registry import CHAT, build_registry, models_for, parse_model_entries
@@ -29,7 +31,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="port (ERNIE_STUDIO_PORT; default 7860)")
     p.add_argument("--share", action="store_true", default=env_flag("SHARE"), help="create a public gradio.live link (ERNIE_STUDIO_SHARE)")
     p.add_argument("--models", default=env("MODELS", ""),
-                   help="extra or overriding models, comma-separated NAME=SOURCE or SOURCE, SOURCE a hub id or local folder (ERNIE_STUDIO_MODELS)")
+                   help="extra or overriding models, comma-separated NAME=SOURCE or SOURCE, SOURCE a hub id, a local folder "
+                        "or an OpenAI-compatible engine's http://HOST:PORT/v1[#served-id] (ERNIE_STUDIO_MODELS)")
     p.add_argument("--default-model", default=env("DEFAULT_MODEL"), help="model selected at start (ERNIE_STUDIO_DEFAULT_MODEL)")
     p.add_argument("--demo", action="store_true", default=env_flag("DEMO"),
                    help="serve tiny random-weight checkpoints; no download (ERNIE_STUDIO_DEMO)")
@@ -62,19 +65,23 @@ def choose_models(args: argparse.Namespace) -> tuple[dict, str]:
     return build_registry(demo_models() + extra, include_defaults=False), notice
 
 
-def main(argv: list[str] | None = None) -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    args = parse_args(argv)
+def create_app(args: argparse.Namespace) -> gr.Blocks:
+    """The app `python app.py` serves, queued and ready to launch."""
     registry, notice = choose_models(args)
     chat_models = models_for(registry, CHAT)
     default_model = args.default_model if args.default_model in chat_models else chat_models[0]
     cpu_limit = None if args.cpu_limit_gb is None else int(float(args.cpu_limit_gb) * 2**30)
     manager = ModelManager(registry, cpu_limit_bytes=cpu_limit, max_concurrency=args.concurrency, quantize=args.quantize)
-    if args.preload:
+    if args.preload and not registry[default_model].remote:
         manager.get(default_model)
     app = build_app(manager, default_model, notice, args.max_context, concurrency_limit=args.concurrency * len(registry))
-    app.queue(max_size=args.queue_size)
-    app.launch(server_name=args.host, server_port=args.port, share=args.share)
+    return app.queue(max_size=args.queue_size)
+
+
+def main(argv: list[str] | None = None) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    args = parse_args(argv)
+    create_app(args).launch(server_name=args.host, server_port=args.port, share=args.share)
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ import gradio as gr
 from .conversation import Controls, api_stream, build_conversation
 from .manager import ModelManager
 from .registry import CHAT
+from .zerogpu import gpu
 
 EXAMPLES = [{"text": text} for text in (
     "Write a haiku about the sea at night.",
@@ -24,6 +25,7 @@ def build_chat_tab(manager: ModelManager, default_model: str, max_context: int, 
 
 def build_chat_api(controls: Controls, concurrency_limit: int) -> None:
     """/chat: message first, every setting optional; each client session keeps its conversation."""
+    @gpu
     def chat(message: str, history: list[dict], model_name: str, system_prompt: str = "", max_new_tokens: int = 512,
              temperature: float | None = None, top_p: float | None = None, top_k: int | None = None,
              repetition_penalty: float | None = None, seed: int | None = None, stop_sequences: str = ""):

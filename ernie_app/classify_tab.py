@@ -11,6 +11,7 @@ from .engine import UserError
 from .manager import ModelManager
 from .registry import CLASSIFY, models_for
 from .turns import MAX_MESSAGE_CHARS, refuse
+from .zerogpu import gpu
 
 MAX_LABELS = 64  # one batched forward pass per request: beyond this, split the request
 MAX_LABEL_CHARS = 200
@@ -121,6 +122,7 @@ def build_classify_tab(manager: ModelManager, concurrency_limit: int) -> None:
     language.change(lambda name: TEMPLATES[name], language, template, api_visibility="private")
     gr.Examples(EXAMPLES, [text, labels, language], label="Examples in several languages")
 
+    @gpu
     def run(text_value, labels_value, template_value, multi, model_name):
         try:
             result, remarks = classifier.classify(text_value, labels_value, template_value, multi, model_name)
@@ -137,6 +139,7 @@ def build_classify_tab(manager: ModelManager, concurrency_limit: int) -> None:
     api_text, api_labels = gr.Textbox(visible=False), gr.Textbox(visible=False)
     api_result = gr.JSON(visible=False)
 
+    @gpu
     def classify(text: str, labels: str, hypothesis_template: str = TEMPLATES["English"], multi_label: bool = False,
                  model_name: str = names[0]) -> dict:
         """Zero-shot classification; returns {sequence, labels, scores (best first), truncated}."""

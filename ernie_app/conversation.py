@@ -17,7 +17,9 @@ import gradio as gr
 from .engine import Sampling, UserError, sampling_defaults, stream_reply
 from .manager import ModelManager
 from .registry import CHAT, VISION, models_for
+from .remote import shows_reasoning, stream_remote
 from .turns import RunningTurns, Turn, check_message, conversation, message_files, message_text, refuse, status
+from .zerogpu import gpu
 
 SLOT_WAIT_SECONDS = 0.5
 
@@ -42,6 +44,13 @@ class ChatSession:
             raise UserError(f"Unknown model {model_name!r}. Choose one of: {', '.join(models_for(self.manager.registry, self.task))}.")
         sampling = make_sampling(*settings)
         history = turn.history[:-1]  # what came before the new user message
+        spec = self.manager.registry[model_name]
+        if spec.remote:  # an engine elsewhere answers: nothing to load, no local slot to wait for
+            messages = conversation(history, system_prompt or "", content, with_media=self.task == VISION)
+            for reply in stream_remote(spec, messages, sampling, turn.cancel, media_options):
+                turn.reply, turn.thinking = reply, turn.thinking or shows_reasoning(reply)
+                yield turn.messages()
+            return
         if all(m.spec.name != model_name for m in self.manager.loaded()):
             yield turn.messages(status(f"⏳ Loading {model_name} (first use)…"))
         with self.manager.use(model_name, progress) as loaded:
@@ -164,6 +173,7 @@ def build_conversation(manager: ModelManager, default_model: str, max_context: i
     def example(history, selected: gr.SelectData):
         return accept(selected.value, history)
 
+    @gpu
     def respond(content, history, model_name, system, max_new_tokens, temperature, top_p, top_k, repetition_penalty,
                 seed, stop_sequences, fps, max_frames, think, request: gr.Request, progress=gr.Progress(track_tqdm=True)):
         if content is None or content[0] != session.running.epoch(request.session_hash):

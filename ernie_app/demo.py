@@ -71,7 +71,9 @@ def hub_reachable(timeout: float = 3.0) -> bool:
 
 
 def weights_cached(spec: ModelSpec) -> bool:
-    """A local folder, or a hub repo whose config is already in the local cache."""
+    """A local folder, or a hub repo whose config is already in the local cache (never a remote engine)."""
+    if spec.remote:
+        return False
     if Path(spec.source).is_dir():
         return True
     from huggingface_hub import try_to_load_from_cache

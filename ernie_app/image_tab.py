@@ -8,6 +8,7 @@ import gradio as gr
 from .conversation import Controls, api_stream, build_conversation
 from .manager import ModelManager
 from .registry import VISION
+from .zerogpu import gpu
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 EXAMPLES = [
@@ -28,6 +29,7 @@ def build_image_tab(manager: ModelManager, default_model: str, max_context: int,
 def build_image_api(controls: Controls, concurrency_limit: int) -> None:
     """/image: an image file (or none, to ask more about the earlier ones) and a question first, every
     setting optional; each client session keeps its conversation and its images."""
+    @gpu
     def image(image: str | None, question: str, history: list[dict], model_name: str, system_prompt: str = "",
               max_new_tokens: int = 512, temperature: float | None = None, top_p: float | None = None,
               top_k: int | None = None, repetition_penalty: float | None = None, seed: int | None = None,

@@ -172,6 +172,8 @@ class ModelManager:
         if loaded is not None:
             return loaded.generation_config
         spec = self.registry[name]
+        if spec.remote:  # the engine's own defaults are not known here
+            return dict(GENERATION_CONFIG)
         path = Path(spec.source) / "generation_config.json"
         if not path.is_file():
             from huggingface_hub import try_to_load_from_cache
@@ -182,6 +184,9 @@ class ModelManager:
 
     def fetch(self, spec: ModelSpec, progress: Progress) -> Path:
         """Download (or find) the checkpoint; hub progress bars are tqdm, which the UI mirrors."""
+        if spec.remote:
+            raise ModelUnavailable(f"{spec.name} is served by the engine at {spec.source}, which only the Chat, "
+                                   "Image and Video tabs talk to; there are no weights of it to load here.")
         progress(0.0, f"Fetching {spec.source}")
         return resolve_checkpoint(spec.source, spec.revision)
 

@@ -9,6 +9,7 @@ import gradio as gr
 from .conversation import Controls, api_stream, build_conversation
 from .manager import ModelManager
 from .registry import VISION
+from .zerogpu import gpu
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 EXAMPLES = [{"text": "What happens in this video, and when?", "files": [str(ASSETS / "clock.mp4")]}]
@@ -25,6 +26,7 @@ def build_video_tab(manager: ModelManager, default_model: str, max_context: int,
 def build_video_api(controls: Controls, concurrency_limit: int) -> None:
     """/video: a video file (or none, to ask more about the earlier one) and a question first, every
     setting optional, then fps and max_frames; each client session keeps its conversation."""
+    @gpu
     def video(video: str | None, question: str, history: list[dict], model_name: str, system_prompt: str = "",
               max_new_tokens: int = 512, temperature: float | None = None, top_p: float | None = None,
               top_k: int | None = None, repetition_penalty: float | None = None, seed: int | None = None,
