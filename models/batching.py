@@ -78,7 +78,8 @@ class BatchGenerator:
     def __init__(self, model: Ernie45ForCausalLM, slots: int = 8, chunk_tokens: int = 128, solo_chunk_tokens: int = 512) -> None:
         self.model = model
         self.chunk_tokens, self.solo_chunk_tokens = chunk_tokens, solo_chunk_tokens
-        self.slots = [Slot(model.new_cache(1, MIN_CAPACITY)) for _ in range(slots)]
+        with torch.inference_mode():  # as the compiled step's own caches (else it would recompile)
+            self.slots = [Slot(model.new_cache(1, MIN_CAPACITY)) for _ in range(slots)]
         self.steps = 0  # forward passes run so far (for tests and statistics)
         self._waiting: list[Request] = []
         self._active: list[Request] = []

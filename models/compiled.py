@@ -27,18 +27,16 @@ SETTING = "ERNIE_STUDIO_COMPILE"  # "auto" (default), "1" always where possible,
 
 
 def compile_wanted(model: nn.Module, compile_decode: bool | None) -> bool:
-    """Whether `load_model` compiles the decode step: asked for, or by default (None, and
-    ERNIE_STUDIO_COMPILE unset or "auto") for a dense text model on the CPU; never without a C++
-    compiler (inductor's CPU backend needs one)."""
+    """Whether `load_model` compiles the decode step of an ERNIE 4.5 text model: asked for, or by
+    default (None, and ERNIE_STUDIO_COMPILE unset or "auto") for a dense one on the CPU; never
+    without a C++ compiler (inductor's CPU backend needs one)."""
+    if type(model).__name__ != "Ernie45ForCausalLM":  # the VL and ErnieM models run eager
+        return False
     if compile_decode is None:
         setting = os.environ.get(SETTING, "auto").lower()
-        compile_decode = setting in ("1", "true", "on") or (setting == "auto" and default_compile(model))
+        dense_on_cpu = model.config.moe_num_experts == 0 and model.device.type == "cpu"
+        compile_decode = setting in ("1", "true", "on") or (setting == "auto" and dense_on_cpu)
     return compile_decode and shutil.which(os.environ.get("CXX", "g++")) is not None
-
-
-def default_compile(model: nn.Module) -> bool:
-    return (type(model).__name__ == "Ernie45ForCausalLM" and model.config.moe_num_experts == 0
-            and model.device.type == "cpu")
 
 
 class CompiledDecode:
@@ -49,7 +47,7 @@ class CompiledDecode:
         self.model = model
         self.ready = threading.Event()
         self.failed: str | None = None
-        self._step = torch.compile(self._eager_step, dynamic=True, options=INDUCTOR_OPTIONS)
+        self._step = torch.compile(self._eager_step, dynamic=True)
         if background:
             # Not a daemon: interpreter exit in the middle of a compile aborts the process.
             threading.Thread(target=self.warm_up, name="compile-decode").start()
@@ -60,11 +58,16 @@ class CompiledDecode:
         return self.model(token, cache=cache, start=start)
 
     def warm_up(self) -> None:
-        """Compile on a scratch cache (the graph serves any cache of the model)."""
+        """Compile on a scratch cache (the graph serves any cache of the model). Its size and
+        position match no model dimension, so that no size is taken for another (a guard that
+        would fail, and recompile, on the first real call)."""
         try:
-            with torch.inference_mode():
-                scratch = self.model.new_cache(1, 8)
-                self._step(torch.zeros((1, 1), dtype=torch.long, device=self.model.device), scratch, 2)
+            # The settings as a patch around the compile: passed as torch.compile options, freezing
+            # does not take effect (half the speed, measured).
+            with torch._inductor.config.patch(INDUCTOR_OPTIONS), torch.inference_mode():
+                self.model.inv_freq(self.model.device)  # made lazily: made before, not during, the trace
+                scratch = self.model.new_cache(1, 61)
+                self._step(torch.zeros((1, 1), dtype=torch.long, device=self.model.device), scratch, 37)
             self.ready.set()
         except Exception as error:  # no compiler, an inductor limitation: eager stays in charge
             self.failed = f"{type(error).__name__}: {error}"

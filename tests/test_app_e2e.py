@@ -100,16 +100,18 @@ def test_stop_ends_generation(client, server, demo_names, monkeypatch):
 
 
 def slow_step_counter(loaded, monkeypatch) -> list[float]:
-    """Record every forward step of `loaded` (and slow it, so a long reply is still running)."""
+    """Record every forward pass of `loaded` (and slow it, so a long reply is still running):
+    the batched steps and the plain forward of a step with one decoding request."""
     steps = []
-    original = loaded.model.forward_step
+    for method in ("forward_step", "forward"):
+        original = getattr(loaded.model, method)
 
-    def counting_forward(*args, **kwargs):
-        steps.append(time.perf_counter())
-        time.sleep(0.02)
-        return original(*args, **kwargs)
+        def counting(*args, original=original, **kwargs):
+            steps.append(time.perf_counter())
+            time.sleep(0.02)
+            return original(*args, **kwargs)
 
-    monkeypatch.setattr(loaded.model, "forward_step", counting_forward)
+        monkeypatch.setattr(loaded.model, method, counting)
     return steps
 
 

@@ -47,17 +47,23 @@ def together(batcher, requests):
 
 
 class StepLog:
-    """Records each batched step's segments as (start, length) per sequence."""
+    """Records each forward pass's segments as (start, length) per sequence: the batched steps,
+    and the plain forward of a step with one decoding request (or of `generate`)."""
 
     def __init__(self, model, monkeypatch):
         self.steps = []
-        original = model.forward_step
+        batched, plain = model.forward_step, model.forward
 
-        def logged(step, ids, rows):
+        def logged_step(step, ids, rows):
             self.steps.append([(start, n) for _, start, n in step.segments])
-            return original(step, ids, rows)
+            return batched(step, ids, rows)
 
-        monkeypatch.setattr(model, "forward_step", logged)
+        def logged_forward(ids, cache=None, start=0, **kwargs):
+            self.steps.append([(start, ids.shape[1])])
+            return plain(ids, cache=cache, start=start, **kwargs)
+
+        monkeypatch.setattr(model, "forward_step", logged_step)
+        monkeypatch.setattr(model, "forward", logged_forward)
 
     @property
     def prefilled(self) -> int:
@@ -113,11 +119,11 @@ def test_prefill_comes_in_chunks_between_the_others_decode_steps(model, monkeypa
     first = batcher.generate(decoding, 40, eos_token_ids=[])
     next(first)
     late = list(batcher.generate(newcomer, NEW_TOKENS, eos_token_ids=[]))
-    assert late == alone(model, newcomer)
     mixed = [step for step in log.steps if len(step) == 2 and step[1][1] > 1]
     assert len(mixed) >= 300 // 64  # the newcomer's prompt rode along the other's decode steps...
     assert all(step[0][1] == 1 and step[1][1] <= 64 for step in mixed)  # ...a chunk at a time
     first.close()
+    assert late == alone(model, newcomer)
 
 
 def test_cancel_during_a_long_prefill_stops_between_chunks(model, monkeypatch):
@@ -142,8 +148,9 @@ def test_a_follow_up_turn_reuses_the_conversation_prefix(model, monkeypatch):
     batcher = BatchGenerator(model, slots=2)
     reply = list(batcher.generate(turn1, NEW_TOKENS, eos_token_ids=[]))
     turn2 = turn1 + reply + prompts(model, [30], seed=1)[0]
+    expected = alone(model, turn2)
     log = StepLog(model, monkeypatch)
-    assert list(batcher.generate(turn2, NEW_TOKENS, eos_token_ids=[])) == alone(model, turn2)
+    assert list(batcher.generate(turn2, NEW_TOKENS, eos_token_ids=[])) == expected
     # Cached: the first turn and its reply but the last token (sampled, never fed).
     assert log.prefilled == len(turn2) - (len(turn1) + len(reply) - 1)
 

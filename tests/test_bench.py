@@ -21,4 +21,13 @@ def test_text_benchmark_runs_at_tiny_size(tmp_path):
                             cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
     engines = [line.split("|")[1].strip() for line in result.stdout.splitlines() if line.startswith("| ours") or line.startswith("| transformers")]
-    assert engines == ["ours", "ours-int8", "transformers", "ours", "ours-int8"]  # both tables
+    ours = ["ours", "ours-int8", "ours-eager", "ours-int8-eager"]
+    assert engines == [*ours, "transformers", *ours]  # both tables
+
+
+def test_drift_benchmark_runs_at_tiny_size(tmp_path):
+    result = subprocess.run([sys.executable, "bench/bench_drift.py", "--model", "tiny", "--dir", str(tmp_path / "tiny"),
+                             "--prompts", "3", "--new-tokens", "6"], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = [line for line in result.stdout.splitlines() if line.startswith("| int8") or line.startswith("| bf16")]
+    assert len(rows) == 4

@@ -57,11 +57,13 @@ def test_generate_and_the_batcher_use_the_compiled_step(models, monkeypatch):
     assert len(calls) == 22
 
 
-def test_compile_by_default_only_where_it_pays(models, monkeypatch):
+def test_compile_by_default_only_where_it_pays(models, monkeypatch, tmp_path):
     eager, _ = models
+    moe = load_model(write_checkpoint(tmp_path, tiny_config("moe"), tokenizer=False), device="cpu")
     monkeypatch.setenv("ERNIE_STUDIO_COMPILE", "auto")
     assert compile_wanted(eager, None)  # a dense text model on the CPU
     assert not compile_wanted(eager, False)
+    assert not compile_wanted(moe, None) and compile_wanted(moe, True)  # data-dependent routing: only when asked
     monkeypatch.setenv("ERNIE_STUDIO_COMPILE", "0")
     assert not compile_wanted(eager, None) and compile_wanted(eager, True)
     monkeypatch.setenv("CXX", "no-such-compiler")
