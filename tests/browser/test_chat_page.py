@@ -193,7 +193,10 @@ def test_thinking_model_shows_reasoning_and_says_when_no_answer_came(chat):
     model.click()
     chat.page.get_by_role("option", name=re.compile("Thinking")).click()
     chat.settings()
+    # The switch sets the sliders to the thinking model's settings; set ours after that, not before.
+    expect(chat.page.get_by_label("number input for Temperature (0 = greedy)")).to_have_value("0.6")
     chat.set_number("Max new tokens", 12)
+    expect(chat.page.get_by_label("number input for Max new tokens")).to_have_value("12")
     chat.answer_once("Think hard")
     expect(chat.chat.get_by_text("💭 Reasoning")).to_be_visible()
     expect(chat.chat.get_by_text(re.compile("No answer yet"))).to_be_visible()
