@@ -195,6 +195,7 @@ def test_thinking_model_shows_reasoning_and_says_when_no_answer_came(chat):
     chat.settings()
     # The switch sets the sliders to the thinking model's settings; set ours after that, not before.
     expect(chat.page.get_by_label("number input for Temperature (0 = greedy)")).to_have_value("0.6")
+    expect(chat.page.get_by_label("number input for Max new tokens")).to_have_value("512")  # its budget, set too
     chat.set_number("Max new tokens", 12)
     expect(chat.page.get_by_label("number input for Max new tokens")).to_have_value("12")
     chat.answer_once("Think hard")
