@@ -7,6 +7,7 @@ import os
 
 import gradio as gr
 
+from ernie_app.conversation import Limits
 from ernie_app.demo import demo_models, hub_reachable, weights_cached
 from ernie_app.manager import QUANTIZE_SETTINGS, ModelManager
 from ernie_app.registry import CHAT, build_registry, models_for, parse_model_entries
@@ -42,6 +43,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="simultaneous generations per model, decoded as one batch (ERNIE_STUDIO_CONCURRENCY; default 8)")
     p.add_argument("--quantize", choices=QUANTIZE_SETTINGS, default=env("QUANTIZE", "auto"),
                    help="CPU weight format: int8 (weight-only), none (bf16/fp32), auto = int8 for chat models (ERNIE_STUDIO_QUANTIZE)")
+    p.add_argument("--request-timeout", type=float, default=float(env("REQUEST_TIMEOUT", 600)),
+                   help="seconds a chat turn may take, waiting for a slot included (ERNIE_STUDIO_REQUEST_TIMEOUT; default 600)")
+    p.add_argument("--per-user-limit", type=int, default=int(env("PER_USER_LIMIT", 2)),
+                   help="requests one client session may run at once (ERNIE_STUDIO_PER_USER_LIMIT; default 2)")
+    p.add_argument("--auth", default=env("AUTH", ""),
+                   help="USER:PASSWORD[,USER:PASSWORD...] required to open the app; prefer the ERNIE_STUDIO_AUTH variable, "
+                        "which `ps` does not show")
     p.add_argument("--queue-size", type=int, default=int(env("QUEUE_SIZE", 64)),
                    help="requests waiting in the queue before new ones are turned away (ERNIE_STUDIO_QUEUE_SIZE; default 64)")
     p.add_argument("--cpu-limit-gb", type=float, default=env("CPU_LIMIT_GB"),
@@ -65,6 +73,14 @@ def choose_models(args: argparse.Namespace) -> tuple[dict, str]:
     return build_registry(demo_models() + extra, include_defaults=False), notice
 
 
+def parse_auth(text: str) -> list[tuple[str, str]] | None:
+    """USER:PASSWORD pairs for Gradio's login page; None when no authentication is asked for."""
+    pairs = [entry.strip().partition(":") for entry in text.split(",") if entry.strip()]
+    if any(not user or not sep or not password for user, sep, password in pairs):
+        raise SystemExit("--auth / ERNIE_STUDIO_AUTH takes USER:PASSWORD pairs separated by commas")
+    return [(user, password) for user, _, password in pairs] or None
+
+
 def create_app(args: argparse.Namespace) -> gr.Blocks:
     """The app `python app.py` serves, queued and ready to launch."""
     registry, notice = choose_models(args)
@@ -74,14 +90,19 @@ def create_app(args: argparse.Namespace) -> gr.Blocks:
     manager = ModelManager(registry, cpu_limit_bytes=cpu_limit, max_concurrency=args.concurrency, quantize=args.quantize)
     if args.preload and not registry[default_model].remote:
         manager.get(default_model)
-    app = build_app(manager, default_model, notice, args.max_context, concurrency_limit=args.concurrency * len(registry))
+    limits = Limits(max_context=args.max_context, request_timeout=args.request_timeout, per_user=args.per_user_limit)
+    app = build_app(manager, default_model, notice, limits, concurrency_limit=args.concurrency * len(registry))
     return app.queue(max_size=args.queue_size)
 
 
 def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = parse_args(argv)
-    create_app(args).launch(server_name=args.host, server_port=args.port, share=args.share)
+    auth = parse_auth(args.auth)
+    if auth is None and (args.share or args.host not in ("127.0.0.1", "localhost", "::1")):
+        log.warning("serving on %s without authentication: anyone who can reach it can use it (set ERNIE_STUDIO_AUTH)",
+                    "a public share link" if args.share else args.host)
+    create_app(args).launch(server_name=args.host, server_port=args.port, share=args.share, auth=auth)
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ before.
 """
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -18,7 +19,8 @@ from .engine import Sampling, UserError, sampling_defaults, stream_reply
 from .manager import ModelManager
 from .registry import CHAT, VISION, models_for
 from .remote import shows_reasoning, stream_remote
-from .turns import RunningTurns, Turn, check_message, conversation, message_files, message_text, refuse, status
+from .turns import (RunningTurns, SessionLimit, Turn, check_conversation, check_message,
+                    check_stop_sequences, conversation, drop_oldest, message_files, message_text, refuse, status)
 from .zerogpu import gpu
 
 SLOT_WAIT_SECONDS = 0.5
@@ -27,45 +29,63 @@ BUSY = {"interactive": False, "submit_btn": False, "stop_btn": True}
 IDLE = {"interactive": True, "submit_btn": True, "stop_btn": False}
 
 
-class ChatSession:
-    """Answers chat turns for the tab and the API: settings checks, loading notes, slots."""
+@dataclass(frozen=True)
+class Limits:
+    """What one turn may use (README: Limits)."""
 
-    def __init__(self, manager: ModelManager, max_context: int, task: str = CHAT) -> None:
+    max_context: int = 32768  # tokens, prompt plus reply; longer conversations lose their oldest turns
+    request_timeout: float = 600.0  # seconds, waiting for a decode slot included
+    per_user: int = 2  # requests of one client session at a time
+
+
+class ChatSession:
+    """Answers chat turns for the tab and the API: settings checks, loading notes, slots, limits."""
+
+    def __init__(self, manager: ModelManager, limits: Limits, task: str = CHAT) -> None:
         self.manager = manager
         self.task = task
-        self.max_context = max_context
+        self.limits = limits
         self.running = RunningTurns()
+        self.users = SessionLimit(limits.per_user)
 
-    def stream(self, turn: Turn, content, model_name: str, system_prompt: str, settings: tuple,
+    def stream(self, turn: Turn, content, model_name: str, system_prompt: str, settings: tuple, user: str | None = None,
                progress: Callable[[float, str], None] | None = None, media_options: dict | None = None) -> Iterator[list[dict]]:
         """Yield the chat as the reply to `content` (the new user entry's) grows; raises the
-        REFUSALS with user messages."""
+        REFUSALS with user messages. `user`: the client session, for the per-user limit."""
         if model_name not in self.manager.registry or self.manager.registry[model_name].task != self.task:
             raise UserError(f"Unknown model {model_name!r}. Choose one of: {', '.join(models_for(self.manager.registry, self.task))}.")
         sampling = make_sampling(*settings)
         history = turn.history[:-1]  # what came before the new user message
+        system_prompt = system_prompt or ""
+        check_conversation(history, system_prompt)
+        if media_options and "max_frames" in media_options:  # within the sliders' bounds, which Gradio checks
+            media_options = {**media_options, "max_frames": int(media_options["max_frames"])}
+        messages = conversation(history, system_prompt, content, with_media=self.task == VISION)
         spec = self.manager.registry[model_name]
-        if spec.remote:  # an engine elsewhere answers: nothing to load, no local slot to wait for
-            messages = conversation(history, system_prompt or "", content, with_media=self.task == VISION)
-            for reply in stream_remote(spec, messages, sampling, turn.cancel, media_options):
-                turn.reply, turn.thinking = reply, turn.thinking or shows_reasoning(reply)
-                yield turn.messages()
-            return
-        if all(m.spec.name != model_name for m in self.manager.loaded()):
-            yield turn.messages(status(f"⏳ Loading {model_name} (first use)…"))
-        with self.manager.use(model_name, progress) as loaded:
-            while not loaded.slots.acquire(timeout=SLOT_WAIT_SECONDS):
-                if turn.cancel.is_set():
-                    return
-                yield turn.messages(status(f"⏳ Waiting for a free slot on {model_name}…"))
-            try:
-                messages = conversation(history, system_prompt or "", content, with_media=self.task == VISION)
-                for reply in stream_reply(loaded, messages, sampling, cancel=turn.cancel, max_context=self.max_context,
-                                          media_options=media_options):
-                    turn.reply = reply
+        with self.users.hold(user):
+            if spec.remote:  # an engine elsewhere answers: nothing to load, no local slot to wait for
+                for reply in stream_remote(spec, messages, sampling, turn.cancel, media_options):
+                    turn.reply, turn.thinking = reply, turn.thinking or shows_reasoning(reply)
                     yield turn.messages()
-            finally:
-                loaded.slots.release()
+                return
+            deadline = time.monotonic() + self.limits.request_timeout
+            if all(m.spec.name != model_name for m in self.manager.loaded()):
+                yield turn.messages(status(f"⏳ Loading {model_name} (first use)…"))
+            with self.manager.use(model_name, progress) as loaded:
+                while not loaded.slots.acquire(timeout=SLOT_WAIT_SECONDS):
+                    if turn.cancel.is_set():
+                        return
+                    if time.monotonic() > deadline:
+                        raise UserError(f"{model_name} is busy: no slot came free within {self.limits.request_timeout:.0f} s. "
+                                        "Please try again shortly.")
+                    yield turn.messages(status(f"⏳ Waiting for a free slot on {model_name}…"))
+                try:
+                    for reply in stream_reply(loaded, messages, sampling, cancel=turn.cancel, max_context=self.limits.max_context,
+                                              media_options=media_options, deadline=deadline):
+                        turn.reply = reply
+                        yield turn.messages()
+                finally:
+                    loaded.slots.release()
 
 
 @dataclass
@@ -84,7 +104,7 @@ def make_sampling(max_new_tokens, temperature, top_p, top_k, repetition_penalty,
     return Sampling(
         max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
         repetition_penalty=repetition_penalty, seed=None if seed in (None, "", -1) else seed,
-        stop_strings=tuple(s for s in (stop_sequences or "").splitlines() if s),
+        stop_strings=check_stop_sequences(stop_sequences),
     )
 
 
@@ -92,12 +112,12 @@ def last_user_index(history: list[dict]) -> int | None:
     return next((i for i in range(len(history) - 1, -1, -1) if history[i].get("role") == "user"), None)
 
 
-def build_conversation(manager: ModelManager, default_model: str, max_context: int, concurrency_limit: int,
+def build_conversation(manager: ModelManager, default_model: str, limits: Limits, concurrency_limit: int,
                        media: str | None, examples: list[dict], placeholder: str, intro: str) -> Controls:
     """Render a conversation tab inside the current Blocks context: text chat (`media` None) or
     chat about images / a video ("image", "video": a multimodal input, the VL models)."""
     task = VISION if media else CHAT
-    session = ChatSession(manager, max_context, task)
+    session = ChatSession(manager, limits, task)
     specs = manager.registry
     video = media == "video"
     model = gr.Dropdown([(specs[name].label, name) for name in models_for(specs, task)], value=default_model, label="Model")
@@ -185,11 +205,11 @@ def build_conversation(manager: ModelManager, default_model: str, max_context: i
         values = (max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed, stop_sequences)
         options = {"enable_thinking": model_thinks or bool(think)} if media else None
         if video:
-            options.update(fps=fps, max_frames=int(max_frames))
+            options.update(fps=fps, max_frames=max_frames)
         shown = None
         try:
             with session.running.track(request.session_hash, turn):
-                for messages in session.stream(turn, content, model_name, system, values,
+                for messages in session.stream(turn, content, model_name, system, values, request.session_hash,
                                                lambda fraction, note: progress(fraction, desc=note), options):
                     gallery = gr.skip()
                     if video and turn.reply.videos and shown is not turn.reply.videos:
@@ -242,16 +262,17 @@ def build_conversation(manager: ModelManager, default_model: str, max_context: i
 
 
 def api_stream(session: ChatSession, history: list[dict], content, model_name: str, system_prompt: str,
-               values: tuple, where: str, media_options: dict | None = None) -> Iterator[tuple]:
-    """Stream one API turn as (the reply's messages, the session's conversation at the end);
+               values: tuple, where: str, user: str | None, media_options: dict | None = None) -> Iterator[tuple]:
+    """Stream one API turn as (the reply's messages, the session's conversation at the end: what
+    the context trimming left out is dropped from it, so a session's state stays bounded);
     failures become gr.Error with the user's message."""
     try:
         check_message(content)
         spec = session.manager.registry.get(model_name)
         turn = Turn([*history, {"role": "user", "content": content}], thinking=bool(spec and spec.thinking))
         messages = turn.messages()
-        for messages in session.stream(turn, content, model_name, system_prompt, values, media_options=media_options):
+        for messages in session.stream(turn, content, model_name, system_prompt, values, user, media_options=media_options):
             yield messages[len(history) + 1:], gr.skip()
     except Exception as error:
         raise gr.Error(refuse(error, where), print_exception=False) from None
-    yield messages[len(history) + 1:], messages
+    yield messages[len(history) + 1:], drop_oldest(messages, turn.reply.left_out, with_media=session.task == VISION)

@@ -95,6 +95,7 @@ class Reply:
     first_token_at: float | None = None
     last_token_at: float | None = None
     stop_reason: str | None = None
+    left_out: int = 0  # the oldest history messages left out so that the conversation fits the context
     videos: list = field(default_factory=list)  # the videos as the model saw them (frames, timestamps)
 
     @property
@@ -114,6 +115,7 @@ STOP_REASONS = {
     "max_new_tokens": "max new tokens reached",
     "context": "context limit reached",
     "cancelled": "stopped",
+    "timeout": "time limit reached",
 }
 
 
@@ -125,7 +127,7 @@ def encode_prompt(loaded: LoadedModel, messages: list[dict], media_options: dict
     models). Bad messages or media (the processor's MediaError is a ValueError) become UserErrors."""
     try:
         if loaded.processor is None:
-            return loaded.tokenizer.encode(loaded.tokenizer.apply_chat_template(messages, add_generation_prompt=True)), {}, []
+            return loaded.tokenizer.encode_chat(messages), {}, []
         options = {"enable_thinking": loaded.spec.thinking, **media_options}
         inputs = loaded.processor.apply_chat_template(messages, **options)
     except ValueError as error:
@@ -144,6 +146,40 @@ def stop_token_ids(loaded: LoadedModel) -> set[int]:
     return ids
 
 
+def fit_context(loaded: LoadedModel, messages: list[dict], media_options: dict, context: int,
+                reply_tokens: int) -> tuple[list[int], dict, list, int]:
+    """`encode_prompt` of the newest messages that fit: whole turns are left out from the oldest
+    (the system prompt and the new message always stay) until `reply_tokens` fit after the prompt.
+    Returns the prompt's ids, media and videos, and how many messages were left out."""
+    start = 1 if messages and messages[0]["role"] == "system" else 0
+    # Cut points: a conversation may restart at any user message (the last one is the new message).
+    cuts = sorted({start, *(i for i in range(start, len(messages)) if messages[i]["role"] == "user")})
+
+    encoded: dict[int, tuple] = {}
+
+    def fits(k: int) -> bool:
+        if k not in encoded:
+            encoded[k] = encode_prompt(loaded, messages[:start] + messages[cuts[k]:], media_options)
+        return len(encoded[k][0]) + reply_tokens <= context
+
+    if fits(0):  # the usual case: one encode
+        return *encoded[0], 0
+    k, low, high = len(cuts) - 1, 1, len(cuts) - 1  # binary search: fewer tokens the more turns left out
+    while low <= high:
+        middle = (low + high) // 2
+        if fits(middle):
+            k, high = middle, middle - 1
+        else:
+            low = middle + 1
+    fits(k)
+    ids = encoded[k][0]
+    if len(ids) >= context:
+        what = "The message and the system prompt are" if start else "The message is"
+        fix = "Shorten it, or send fewer or smaller images or frames." if loaded.processor is not None else "Shorten it."
+        raise UserError(f"{what} {len(ids):,} tokens long, over the {context:,}-token context of {loaded.spec.name}. {fix}")
+    return *encoded[k], cuts[k] - start
+
+
 def stream_reply(
     loaded: LoadedModel,
     messages: list[dict],
@@ -151,20 +187,19 @@ def stream_reply(
     cancel: threading.Event | None = None,
     max_context: int = DEFAULT_MAX_CONTEXT,
     media_options: dict | None = None,
+    deadline: float | None = None,
 ) -> Iterator[Reply]:
     """Yield the growing reply to `messages` ([{"role", "content"}], last one from the user;
     for VL models content may be a list of text / image / video parts, and `media_options`
-    (enable_thinking, fps, max_frames) go to the processor)."""
-    ids, media, videos = encode_prompt(loaded, messages, media_options or {})
+    (enable_thinking, fps, max_frames) go to the processor). A conversation longer than the
+    context loses its oldest turns (`Reply.left_out`); the reply stops at `deadline`
+    (time.monotonic())."""
     context = min(max_context, loaded.model.config.max_position_embeddings)
-    if len(ids) >= context:
-        raise UserError(
-            f"The conversation is {len(ids):,} tokens long, over the {context:,}-token context of "
-            f"{loaded.spec.name}. Shorten the message or clear the chat."
-        )
+    reply_tokens = min(sampling.max_new_tokens, context // 4)  # room kept for the answer when trimming
+    ids, media, videos, left_out = fit_context(loaded, messages, media_options or {}, context, reply_tokens)
     budget = min(sampling.max_new_tokens, context - len(ids))
     stops = stop_token_ids(loaded)
-    reply = Reply(prompt_tokens=len(ids), videos=videos)
+    reply = Reply(prompt_tokens=len(ids), videos=videos, left_out=left_out)
     # Stop tokens never reach the decoder; other special tokens stay visible, since a thinking
     # model's <think>/</think> may be special tokens and the reasoning parser needs them.
     decoder = loaded.tokenizer.stream_decoder(skip_special_tokens=False)
@@ -177,6 +212,9 @@ def stream_reply(
         while True:
             if cancel is not None and cancel.is_set():
                 reply.stop_reason = "cancelled"
+                break
+            if deadline is not None and time.monotonic() > deadline:
+                reply.stop_reason = "timeout"
                 break
             with step_lock:
                 token = next(tokens, None)

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import gradio as gr
 
-from .conversation import Controls, api_stream, build_conversation
+from .conversation import Controls, Limits, api_stream, build_conversation
 from .manager import ModelManager
 from .registry import VISION
 from .zerogpu import gpu
@@ -18,9 +18,9 @@ EXAMPLES = [
 ]
 
 
-def build_image_tab(manager: ModelManager, default_model: str, max_context: int, concurrency_limit: int) -> None:
+def build_image_tab(manager: ModelManager, default_model: str, limits: Limits, concurrency_limit: int) -> None:
     """Render the Image tab inside the current Blocks context, with its /image API."""
-    controls = build_conversation(manager, default_model, max_context, concurrency_limit, "image", EXAMPLES,
+    controls = build_conversation(manager, default_model, limits, concurrency_limit, "image", EXAMPLES,
                                   "Attach images and ask about them…",
                                   "Attach one or more images and ask about them; follow-up questions see them too.")
     build_image_api(controls, concurrency_limit)
@@ -33,11 +33,12 @@ def build_image_api(controls: Controls, concurrency_limit: int) -> None:
     def image(image: str | None, question: str, history: list[dict], model_name: str, system_prompt: str = "",
               max_new_tokens: int = 512, temperature: float | None = None, top_p: float | None = None,
               top_k: int | None = None, repetition_penalty: float | None = None, seed: int | None = None,
-              stop_sequences: str = ""):
+              stop_sequences: str = "", request: gr.Request = None):
         """Ask an ERNIE 4.5 VL model about an image; streams the reply as chat messages."""
         values = (max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed, stop_sequences)
         content = [{"path": image}, question] if image else question
-        yield from api_stream(controls.session, history, content, model_name, system_prompt, values, "/image")
+        yield from api_stream(controls.session, history, content, model_name, system_prompt, values, "/image",
+                              request and request.session_hash)
 
     api_history = gr.State([])
     gr.Button(visible=False).click(

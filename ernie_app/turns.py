@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import threading
+from collections import Counter
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from collections.abc import Iterator
@@ -19,6 +20,13 @@ from .reasoning import split_reasoning
 
 log = logging.getLogger(__name__)
 MAX_MESSAGE_CHARS = 200_000  # beyond this, even tokenizing is wasted work: no model context fits it
+# Caps checked before templating, so that a hostile client's history cannot cost more than a context.
+MAX_SYSTEM_PROMPT_CHARS = 20_000
+MAX_HISTORY_MESSAGES = 1_000
+MAX_HISTORY_CHARS = 2_000_000
+MAX_FILES_PER_MESSAGE = 8
+MAX_STOP_SEQUENCES = 16
+MAX_STOP_SEQUENCE_CHARS = 200
 # Failures whose message is written for the user; anything else is a server fault.
 REFUSALS = (UserError, ModelUnavailable, CheckpointError)
 SERVER_FAULT = "Generation failed on the server; the server log has the details. Please try again."
@@ -90,7 +98,29 @@ def check_message(message) -> str:
         raise UserError("Please type a message.")
     if len(text) > MAX_MESSAGE_CHARS:
         raise UserError(f"That message has {len(text):,} characters; the limit is {MAX_MESSAGE_CHARS:,}.")
+    if len(message_files(message)) > MAX_FILES_PER_MESSAGE:
+        raise UserError(f"That message has {len(message_files(message))} files; the limit is {MAX_FILES_PER_MESSAGE} per message.")
     return text
+
+
+def check_conversation(history: list, system_prompt: str) -> None:
+    """Refuse a history or system prompt over the caps (a UserError saying what to do)."""
+    if not isinstance(history, list) or not all(isinstance(entry, dict) for entry in history):
+        raise UserError("The chat history must be a list of {'role': ..., 'content': ...} messages.")
+    if len(system_prompt) > MAX_SYSTEM_PROMPT_CHARS:
+        raise UserError(f"The system prompt has {len(system_prompt):,} characters; the limit is {MAX_SYSTEM_PROMPT_CHARS:,}.")
+    chars = sum(len(message_text(entry.get("content"))) for entry in history)
+    if len(history) > MAX_HISTORY_MESSAGES or chars > MAX_HISTORY_CHARS:
+        raise UserError(f"This chat is too long to go on ({len(history):,} messages, {chars:,} characters; the limits are "
+                        f"{MAX_HISTORY_MESSAGES:,} and {MAX_HISTORY_CHARS:,}). Clear it to start again.")
+
+
+def check_stop_sequences(text: str) -> tuple[str, ...]:
+    """The stop sequences, one per line, or a UserError."""
+    stops = tuple(s for s in (text or "").splitlines() if s)
+    if len(stops) > MAX_STOP_SEQUENCES or any(len(s) > MAX_STOP_SEQUENCE_CHARS for s in stops):
+        raise UserError(f"Use at most {MAX_STOP_SEQUENCES} stop sequences of at most {MAX_STOP_SEQUENCE_CHARS} characters each.")
+    return stops
 
 
 def is_display_only(entry: dict) -> bool:
@@ -98,15 +128,33 @@ def is_display_only(entry: dict) -> bool:
     return bool((entry.get("metadata") or {}).get("title"))
 
 
+def model_message(entry: dict, with_media: bool) -> dict | None:
+    """The model message a history entry becomes, or None (display-only entries, empty ones)."""
+    content = model_content(entry.get("content"), with_media)
+    if entry.get("role") in ("user", "assistant") and content and not is_display_only(entry):
+        return {"role": entry["role"], "content": content}
+    return None
+
+
 def conversation(history: list[dict], system_prompt: str, message, with_media: bool = False) -> list[dict]:
     """Model messages from the visible chat history plus the new user message (text, or a
     history entry's content); images go along only `with_media`."""
     messages = [{"role": "system", "content": system_prompt.strip()}] if system_prompt.strip() else []
-    for entry in [*history, {"role": "user", "content": message}]:
-        content = model_content(entry.get("content"), with_media)
-        if entry.get("role") in ("user", "assistant") and content and not is_display_only(entry):
-            messages.append({"role": entry["role"], "content": content})
-    return messages
+    entries = (model_message(entry, with_media) for entry in [*history, {"role": "user", "content": message}])
+    return messages + [m for m in entries if m is not None]
+
+
+def drop_oldest(history: list[dict], count: int, with_media: bool = False) -> list[dict]:
+    """The history without its first `count` model messages (and the display-only entries that
+    went with them): what a session keeps once the context trimming left those out."""
+    if count == 0:
+        return history
+    for index, entry in enumerate(history):
+        if model_message(entry, with_media) is not None:
+            if count == 0:
+                return history[index:]
+            count -= 1
+    return []
 
 
 def status(title: str) -> dict:
@@ -123,6 +171,8 @@ def stats_line(reply: Reply) -> str:
     parts.append(f"{reply.new_tokens} tokens")
     if reply.stop_reason:
         parts.append(STOP_REASONS[reply.stop_reason])
+    if reply.left_out:
+        parts.append(f"{reply.left_out} oldest messages left out to fit the context")
     return " · ".join(parts)
 
 
@@ -211,3 +261,27 @@ class RunningTurns:
             turn.discarded = turn.discarded or discard
             turn.cancel.set()
         return turn
+
+
+class SessionLimit:
+    """At most `limit` requests of one client session at a time: an API client can send many at
+    once, and each holds a decode slot that other users are waiting for."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._lock = threading.Lock()
+        self._active: Counter[str] = Counter()
+
+    @contextmanager
+    def hold(self, session: str | None) -> Iterator[None]:
+        with self._lock:
+            if self._active[session] >= self.limit:
+                raise UserError(f"You already have {self.limit} requests running; wait for one to finish.")
+            self._active[session] += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._active[session] -= 1
+                if not self._active[session]:
+                    del self._active[session]

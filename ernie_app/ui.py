@@ -5,6 +5,7 @@ import gradio as gr
 
 from .chat_tab import build_chat_tab
 from .classify_tab import build_classify_tab
+from .conversation import Limits
 from .image_tab import build_image_tab
 from .manager import ModelManager
 from .registry import CLASSIFY, VISION, models_for
@@ -18,7 +19,7 @@ def build_app(
     manager: ModelManager,
     default_model: str,
     notice: str = "",
-    max_context: int = 32768,
+    limits: Limits = Limits(),
     concurrency_limit: int = 8,
 ) -> gr.Blocks:
     with gr.Blocks(title=TITLE, fill_height=True) as app:
@@ -26,13 +27,13 @@ def build_app(
         if notice:
             gr.Markdown(f"> ⚠️ {notice}")
         with gr.Tab("Chat"):
-            build_chat_tab(manager, default_model, max_context, concurrency_limit)
+            build_chat_tab(manager, default_model, limits, concurrency_limit)
         vision = models_for(manager.registry, VISION)
         if vision:
             with gr.Tab("Image"):
-                build_image_tab(manager, vision[0], max_context, concurrency_limit)
+                build_image_tab(manager, vision[0], limits, concurrency_limit)
             with gr.Tab("Video"):
-                build_video_tab(manager, vision[0], max_context, concurrency_limit)
+                build_video_tab(manager, vision[0], limits, concurrency_limit)
         if models_for(manager.registry, CLASSIFY):
             with gr.Tab("Multilingual classification"):
                 build_classify_tab(manager, concurrency_limit)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import gradio as gr
 
-from .conversation import Controls, api_stream, build_conversation
+from .conversation import Controls, Limits, api_stream, build_conversation
 from .manager import ModelManager
 from .registry import VISION
 from .zerogpu import gpu
@@ -15,9 +15,9 @@ ASSETS = Path(__file__).resolve().parent.parent / "assets"
 EXAMPLES = [{"text": "What happens in this video, and when?", "files": [str(ASSETS / "clock.mp4")]}]
 
 
-def build_video_tab(manager: ModelManager, default_model: str, max_context: int, concurrency_limit: int) -> None:
+def build_video_tab(manager: ModelManager, default_model: str, limits: Limits, concurrency_limit: int) -> None:
     """Render the Video tab inside the current Blocks context, with its /video API."""
-    controls = build_conversation(manager, default_model, max_context, concurrency_limit, "video", EXAMPLES,
+    controls = build_conversation(manager, default_model, limits, concurrency_limit, "video", EXAMPLES,
                                   "Attach a video and ask about it…",
                                   "Attach a video and ask about it; the frames the model saw show below the input.")
     build_video_api(controls, concurrency_limit)
@@ -30,12 +30,12 @@ def build_video_api(controls: Controls, concurrency_limit: int) -> None:
     def video(video: str | None, question: str, history: list[dict], model_name: str, system_prompt: str = "",
               max_new_tokens: int = 512, temperature: float | None = None, top_p: float | None = None,
               top_k: int | None = None, repetition_penalty: float | None = None, seed: int | None = None,
-              stop_sequences: str = "", fps: float = 2.0, max_frames: int = 180):
+              stop_sequences: str = "", fps: float = 2.0, max_frames: int = 180, request: gr.Request = None):
         """Ask an ERNIE 4.5 VL model about a video; streams the reply as chat messages."""
         values = (max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed, stop_sequences)
         content = [{"path": video}, question] if video else question
-        options = {"fps": fps, "max_frames": int(max_frames)}
-        yield from api_stream(controls.session, history, content, model_name, system_prompt, values, "/video", options)
+        yield from api_stream(controls.session, history, content, model_name, system_prompt, values, "/video",
+                              request and request.session_hash, {"fps": fps, "max_frames": max_frames})
 
     api_history = gr.State([])
     gr.Button(visible=False).click(

@@ -7,12 +7,18 @@ matches transformers', so prompts are byte-identical to what the model was tuned
 from __future__ import annotations
 
 import json
+import logging
+import re
+import secrets
 from datetime import datetime
 from functools import lru_cache
 from pathlib import Path
 
 import jinja2
 from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+log = logging.getLogger(__name__)
+Span = tuple[int, int]
 
 # The documented ERNIE 4.5 text template (transformers' convert_ernie4_5_tokenizer.py), used only
 # when a checkpoint ships none.
@@ -92,3 +98,46 @@ def render_chat_template(
         )
     except (jinja2.TemplateError, TypeError, KeyError, AttributeError) as error:
         raise ValueError(f"chat template error: {error}") from None
+
+
+def render_with_text_spans(template: str, messages: list[dict], **kwargs) -> tuple[str, list[Span]]:
+    """The prompt and the character spans in it that hold the messages' own text (contents and
+    text parts), so that the tokenizer can read special tokens typed there as plain text.
+
+    The messages are rendered once with unique markers in place of their text; the spans are
+    trusted only if putting the text back gives exactly the plain rendering (a template that
+    edits contents, e.g. strips them, gets no spans, and a warning in the log)."""
+    prompt = render_chat_template(template, messages, **kwargs)
+    nonce = secrets.token_hex(8)
+    texts: list[str] = []
+
+    def marked(value):
+        if not isinstance(value, str):
+            return value
+        texts.append(value)
+        return f"\ue000{nonce}:{len(texts) - 1}\ue001"
+
+    def mark(message):
+        if not isinstance(message, dict):
+            return message
+        content = message.get("content")
+        if isinstance(content, list):
+            content = [{**part, "text": marked(part["text"])} if isinstance(part, dict) and "text" in part else part for part in content]
+        return {**message, "content": marked(content)}
+
+    rendered = render_chat_template(template, [mark(m) for m in messages], **kwargs)
+    pieces, spans = [], []
+    cursor = length = 0
+    for match in re.finditer(f"\ue000{nonce}:(\\d+)\ue001", rendered):
+        pieces.append(rendered[cursor : match.start()])
+        length += match.start() - cursor
+        text = texts[int(match.group(1))]
+        spans.append((length, length + len(text)))
+        pieces.append(text)
+        length += len(text)
+        cursor = match.end()
+    pieces.append(rendered[cursor:])
+    if "".join(pieces) != prompt:
+        log.warning("the chat template edits message contents: special tokens typed in them are read as special")
+        return prompt, []
+    return prompt, [span for span in spans if span[0] < span[1]]

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
+from .chat_template import Span
 from .hub import VL_FILES, resolve_checkpoint
 from .media import ImageSource, MediaError, VideoInfo, load_image, read_video
 from .tokenizer import Tokenizer, load_tokenizer
@@ -225,29 +226,30 @@ class Ernie45VLProcessor:
         videos: Sequence[str | os.PathLike | SampledVideo] = (),
         fps: float | None = None,
         max_frames: int | None = None,
+        text_spans: Sequence[Span] = (),
     ) -> VLInputs:
-        """Encode a rendered prompt holding one image / video placeholder per item, in order."""
-        image_token, video_token = self.tokens["image_token"], self.tokens["video_token"]
-        if text.count(image_token) != len(images) or text.count(video_token) != len(videos):
+        """Encode a rendered prompt holding one image / video placeholder per item, in order
+        (`text_spans`: the user's text, where typed special tokens stay text; see Tokenizer.encode)."""
+        ids_of = self.token_ids
+        ids = self.tokenizer.encode(text, add_special_tokens=True, text_spans=text_spans)
+        if ids.count(ids_of["image_token"]) != len(images) or ids.count(ids_of["video_token"]) != len(videos):
             raise ValueError(
-                f"the prompt has {text.count(image_token)} image and {text.count(video_token)} video placeholders "
-                f"for {len(images)} images and {len(videos)} videos"
+                f"the prompt has {ids.count(ids_of['image_token'])} image and {ids.count(ids_of['video_token'])} video "
+                f"placeholders for {len(images)} images and {len(videos)} videos"
             )
         data: dict[str, torch.Tensor] = {}
         merge = self.image.merge_size**2
         if images:
             data.update(self.process_images(images))
-            counts = (data["image_grid_thw"].prod(-1) // merge).tolist()
-            text = _expand(text, image_token, counts)
+            ids = _expand(ids, ids_of["image_token"], (data["image_grid_thw"].prod(-1) // merge).tolist())
         sampled = [v if isinstance(v, SampledVideo) else self.sample_video(v, fps, max_frames) for v in videos]
         if sampled:
             outputs = [self.process_video(v) for v in sampled]
             data["pixel_values_videos"] = torch.cat([o["pixel_values_videos"] for o in outputs])
             data["video_grid_thw"] = torch.cat([o["video_grid_thw"] for o in outputs])
             counts = (data["video_grid_thw"].prod(-1) // (self.video.merge_size**2 * self.video.temporal_patch_size)).tolist()
-            text = _expand(text, video_token, counts)
-        ids = torch.tensor([self.tokenizer.encode(text, add_special_tokens=True)], dtype=torch.long)
-        ids_of = self.token_ids
+            ids = _expand(ids, ids_of["video_token"], counts)
+        ids = torch.tensor([ids], dtype=torch.long)
         mm_types = torch.zeros_like(ids)
         mm_types[ids == ids_of["image_token"]] = 1
         mm_types[ids == ids_of["video_token"]] = 2
@@ -283,14 +285,14 @@ class Ernie45VLProcessor:
                     images.append(source)
                 elif kind in ("video", "video_url"):
                     videos.append(source)
-        prompt = self.tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, enable_thinking=enable_thinking)
-        return self(prompt, images, videos, fps=fps, max_frames=max_frames)
+        prompt, spans = self.tokenizer.render_chat(messages, add_generation_prompt=add_generation_prompt, enable_thinking=enable_thinking)
+        return self(prompt, images, videos, fps=fps, max_frames=max_frames, text_spans=spans)
 
 
-def _expand(text: str, token: str, counts: list[int]) -> str:
+def _expand(ids: list[int], token: int, counts: list[int]) -> list[int]:
     """Replace the i-th `token` by counts[i] copies of it."""
-    pieces = text.split(token)
-    return "".join(piece + token * count for piece, count in zip(pieces, counts)) + pieces[-1]
+    counts = iter(counts)
+    return [copy for i in ids for copy in ([i] * next(counts) if i == token else [i])]
 
 
 def _read_json(path: Path) -> dict:

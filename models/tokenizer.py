@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 from tokenizers import AddedToken
 from tokenizers import Tokenizer as Backend
 
-from .chat_template import render_chat_template, resolve_chat_template
+from .chat_template import Span, render_chat_template, render_with_text_spans, resolve_chat_template
 from .hub import resolve_checkpoint
 from .sentencepiece_model import parse_model, to_tokenizers
 
@@ -90,6 +90,9 @@ class Tokenizer:
         self.special_tokens = special_tokens
         self.chat_template = chat_template
         self.add_bos_token = bool(config.get("add_bos_token", False))
+        self._special_ids = frozenset(self.all_special_ids)
+        self._text_backend = Backend.from_str(backend.to_str())  # reads special tokens as plain text
+        self._text_backend.encode_special_tokens = True
 
     def __len__(self) -> int:
         return self.backend.get_vocab_size(with_added_tokens=True)
@@ -118,13 +121,35 @@ class Tokenizer:
         added = self.backend.get_added_tokens_decoder()
         return sorted(i for i, token in added.items() if token.special)
 
-    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+    def encode(self, text: str, add_special_tokens: bool = False, text_spans: Sequence[Span] = ()) -> list[int]:
         """Token ids of `text`. Special tokens written in the text map to their ids (chat prompts
-        rely on this); `add_special_tokens` prepends BOS only where the checkpoint asks for it."""
-        ids = self.backend.encode(text, add_special_tokens=False).ids
+        rely on this), except inside `text_spans`, the (start, end) character ranges a user wrote:
+        there a typed `<|end_of_sentence|>` or `<think>` is plain text, as transformers'
+        split_special_tokens reads it. `add_special_tokens` prepends BOS only where the
+        checkpoint asks for it."""
+        encoding = self.backend.encode(text, add_special_tokens=False)
+        ids = encoding.ids
+        if any(i in self._special_ids and self._in_spans(offsets, text_spans) for i, offsets in zip(ids, encoding.offsets)):
+            ids = self._encode_typed_as_text(text, encoding, text_spans)
         if add_special_tokens and self.add_bos_token and self.bos_token_id is not None:
             ids = [self.bos_token_id, *ids]
         return ids
+
+    @staticmethod
+    def _in_spans(offsets: tuple[int, int], spans: Sequence[Span]) -> bool:
+        return any(offsets[0] < end and offsets[1] > start for start, end in spans)
+
+    def _encode_typed_as_text(self, text: str, encoding, text_spans: Sequence[Span]) -> list[int]:
+        """The template's special tokens (those outside the spans) as ids, the text between them
+        without special tokens: the same pieces the tokenizer itself splits the text into, so a
+        prompt without typed special tokens gets the ids of a plain encode."""
+        ids, cursor = [], 0
+        for token_id, (start, end) in zip(encoding.ids, encoding.offsets):
+            if token_id in self._special_ids and not self._in_spans((start, end), text_spans):
+                ids += self._text_backend.encode(text[cursor:start], add_special_tokens=False).ids
+                ids.append(token_id)
+                cursor = end
+        return ids + self._text_backend.encode(text[cursor:], add_special_tokens=False).ids
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = False) -> str:
         return self.backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
@@ -138,6 +163,18 @@ class Tokenizer:
             self.chat_template, messages, add_generation_prompt=add_generation_prompt,
             special_tokens=self.special_tokens, **kwargs,
         )
+
+    def render_chat(self, messages: list[dict], add_generation_prompt: bool = True, **kwargs) -> tuple[str, list[Span]]:
+        """The rendered prompt and the spans of the messages' own text in it (see `encode`)."""
+        return render_with_text_spans(
+            self.chat_template, messages, add_generation_prompt=add_generation_prompt,
+            special_tokens=self.special_tokens, **kwargs,
+        )
+
+    def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True, **kwargs) -> list[int]:
+        """Prompt ids of `messages`: the template's markers special, what the messages say text."""
+        prompt, spans = self.render_chat(messages, add_generation_prompt, **kwargs)
+        return self.encode(prompt, text_spans=spans)
 
 
 def load_tokenizer(path_or_repo_id: str | os.PathLike, revision: str | None = None) -> Tokenizer | ErnieMTokenizer:

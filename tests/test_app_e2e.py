@@ -308,3 +308,44 @@ def test_image_api_answers_awkward_images_or_says_why_not(client, demo_registry,
                                     api_name="/image"))
     except AppError as refused:  # the 8000x8000 image downsized to the pixel limit still outgrows the demo's context
         assert kind == "huge" and "context" in str(refused)
+
+
+def test_a_growing_conversation_past_the_context_keeps_working_with_a_notice(client, demo_names):
+    notes = []
+    for turn in range(10):
+        final = client.predict(f"Turn {turn}: " + "tell me about the sea and the moon. " * 60, demo_names[0], "Be brief.", 8,
+                               0.0, api_name="/chat")
+        notes.append(stats(final))
+    assert any("oldest messages left out to fit the context" in note for note in notes)
+    assert "left out" not in notes[0]
+
+
+def test_one_client_session_runs_at_most_its_limit_of_requests_at_once(client, demo_names):
+    jobs = [client.submit(f"question {i}", demo_names[0], "", 400, 0.0, api_name="/chat") for i in range(4)]
+    outcomes = []
+    for job in jobs:
+        try:
+            outcomes.append(stats(job.result()))
+        except AppError as refused:
+            outcomes.append(str(refused))
+    refused = [o for o in outcomes if "You already have 2 requests running" in o]
+    assert 1 <= len(refused) <= 2 and len(outcomes) - len(refused) >= 2
+
+
+@pytest.mark.parametrize(("system_prompt", "stops", "expected"), [
+    ("x" * 30_000, "", "system prompt has 30,000 characters"),
+    ("", "\n".join(f"stop{i}" for i in range(20)), "at most 16 stop sequences"),
+    ("", "s" * 500, "at most 200 characters"),
+])
+def test_system_prompt_and_stop_sequences_are_capped(client, demo_names, system_prompt, stops, expected):
+    with pytest.raises(AppError, match=expected):
+        client.predict("hi", demo_names[0], system_prompt, 8, 0.0, 1.0, 0, 1.0, -1, stops, api_name="/chat")
+
+
+@pytest.mark.parametrize(("fps", "max_frames", "expected"), [(1000, 16, "1000 is greater than maximum value 4"),
+                                                             (0, 16, "0 is less than minimum value 0.25"),
+                                                             (2.0, 100_000, "100000 is greater than maximum value 180")])
+def test_video_frame_sampling_is_capped(client, demo_registry, fps, max_frames, expected):
+    with pytest.raises(AppError, match=expected):
+        client.predict(handle_file(str(ASSETS / "clock.mp4")), "What happens?", vision_model(demo_registry), "", 4, 0.0,
+                       1.0, 0, 1.0, -1, "", fps, max_frames, api_name="/video")

@@ -90,6 +90,39 @@ def test_context_limit(loaded):
         final(loaded, greedy(), max_context=prompt_tokens)
 
 
+def test_a_conversation_longer_than_the_context_loses_its_oldest_turns(loaded):
+    system = {"role": "system", "content": "You are terse."}
+    turns = [[{"role": "user", "content": f"Question {i}: tell me about the number {i} at length."},
+              {"role": "assistant", "content": f"Answer {i}: " + "the sea, the moon and the stars. " * 6}] for i in range(12)]
+    new = {"role": "user", "content": "And now?"}
+    messages = [system, *(m for turn in turns for m in turn), new]
+    encode = loaded.tokenizer.encode_chat
+    context = len(encode([system, *turns[-3], *turns[-2], *turns[-1], new])) + 24  # room for about 3 turns
+    sampling = Sampling(max_new_tokens=96, temperature=0.0)
+    reply_tokens = min(96, context // 4)  # what the trimming keeps free for the reply
+    reply = final(loaded, sampling, messages=messages, max_context=context)
+    kept_turns = 12 - reply.left_out // 2
+    assert reply.left_out % 2 == 0 and 0 < reply.left_out < 24  # whole turns, the oldest first
+    kept = [system, *(m for turn in turns[12 - kept_turns:] for m in turn), new]
+    assert reply.prompt_tokens == len(encode(kept)) <= context - reply_tokens  # the system prompt is kept
+    one_more = [system, *(m for turn in turns[12 - kept_turns - 1:] for m in turn), new]
+    assert len(encode(one_more)) > context - reply_tokens  # no more left out than needed
+    assert reply.stop_reason is not None and reply.new_tokens > 0
+    untouched = final(loaded, sampling, messages=messages, max_context=100_000)
+    assert untouched.left_out == 0
+
+
+def test_a_message_alone_over_the_context_is_refused_with_the_reason(loaded):
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "word " * 400}]
+    with pytest.raises(UserError, match="message and the system prompt are .* over the 64-token context"):
+        final(loaded, greedy(), messages=messages, max_context=64)
+
+
+def test_deadline_stops_the_reply(loaded):
+    reply = final(loaded, Sampling(max_new_tokens=200, temperature=0.0), deadline=time.monotonic() - 1)
+    assert reply.stop_reason == "timeout" and reply.new_tokens == 0
+
+
 def test_chinese_and_emoji_stream_without_broken_characters(loaded, monkeypatch):
     text = "你好，世界！😀🎉👍🏽 文心一言 ❤️ done"
     ids = loaded.tokenizer.encode(text)

@@ -18,7 +18,7 @@ from gradio_client.exceptions import AppError
 
 import app as studio
 from ernie_app.classify_tab import Classifier
-from ernie_app.conversation import ChatSession
+from ernie_app.conversation import ChatSession, Limits
 from ernie_app.engine import Sampling, UserError
 from ernie_app.manager import ModelManager, ModelUnavailable
 from ernie_app.registry import CHAT, CLASSIFY, VISION, build_registry, parse_model_entries
@@ -188,7 +188,7 @@ def test_reasoning_sent_apart_shows_collapsed_even_for_a_model_not_named_thinkin
     engine.chunks = sse_chunks(words=["Calm", "."], reasoning=["Look", " at waves."], reasoning_field=field)
     registry = build_registry([spec_for(engine.url)], include_defaults=False)
     turn = Turn([{"role": "user", "content": "Sea?"}], thinking=False)
-    *_, shown = ChatSession(ModelManager(registry), 4096).stream(turn, "Sea?", "Remote", "", (16, None, None, None, None, None, ""))
+    *_, shown = ChatSession(ModelManager(registry), Limits(max_context=4096)).stream(turn, "Sea?", "Remote", "", (16, None, None, None, None, None, ""))
     reasoning, answer, statistics = shown[1:]
     assert (reasoning["metadata"]["title"], reasoning["content"], answer["content"]) == ("💭 Reasoning", "Look at waves.", "Calm.")
     assert statistics["metadata"]["title"].startswith("⚡")
