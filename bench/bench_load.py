@@ -125,7 +125,7 @@ def fresh_session(client: Client) -> Iterator[None]:
     connection, whose end tells the server that the session is over. (The client's own heartbeat
     follows a reset_session only at its next beat, 15 s later.)"""
     client.reset_session()
-    with httpx.stream("GET", client.heartbeat_url.format(session_hash=client.session_hash), timeout=None):
+    with httpx.stream("GET", client.heartbeat_url.format(session_hash=client.session_hash), timeout=30):
         yield
 
 
