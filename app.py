@@ -53,7 +53,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--queue-size", type=int, default=int(env("QUEUE_SIZE", 64)),
                    help="requests waiting in the queue before new ones are turned away (ERNIE_STUDIO_QUEUE_SIZE; default 64)")
     p.add_argument("--cpu-limit-gb", type=float, default=env("CPU_LIMIT_GB"),
-                   help="largest total model size kept on the CPU (ERNIE_STUDIO_CPU_LIMIT_GB; default half the RAM)")
+                   help="largest total memory of the models kept on the CPU, weights and KV caches (ERNIE_STUDIO_CPU_LIMIT_GB; default half the RAM)")
     p.add_argument("--preload", action="store_true", default=env_flag("PRELOAD"), help="load the default model at start (ERNIE_STUDIO_PRELOAD)")
     return p.parse_args(argv)
 
