@@ -146,8 +146,17 @@ def open_tab(page):
     """Switch to a conversation tab by name ("Chat", "Image", "Video") and return it."""
     def open_(name: str) -> ConversationTab:
         page.get_by_role("tab", name=name, exact=True).click()
-        return ConversationTab(page, PLACEHOLDERS[name])
+        tab = ConversationTab(page, PLACEHOLDERS[name])
+        expect(tab.box).to_be_visible()  # its panel is the one on show: the tab's locators find its widgets
+        settle(page)
+        return tab
     return open_
+
+
+def settle(page: Page) -> None:
+    """Wait two frames. Gradio draws the widgets of a tab or accordion shown for the first time, then
+    a frame later sets them to their initial values, undoing whatever was typed in between."""
+    page.evaluate("() => new Promise(done => requestAnimationFrame(() => requestAnimationFrame(done)))")
 
 
 class ConversationTab:
@@ -192,7 +201,10 @@ class ConversationTab:
         expect(self.box).to_be_editable()
 
     def settings(self) -> None:
+        """Open the sampling settings, ready to be changed."""
         self.panel.get_by_text("Sampling settings").click()
+        expect(self.panel.get_by_label("number input for Max new tokens")).to_be_visible()
+        settle(self.page)
 
     def set_number(self, label: str, value: float) -> None:
         """Type a slider's value, and wait until the slider itself holds it."""
