@@ -21,9 +21,10 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 
-def rss_kib() -> dict[str, int]:
+def rss_kib(pid: int | str = "self") -> dict[str, int]:
+    """Anonymous and file-backed resident memory (KiB) of a process, this one by default."""
     fields = {}
-    for line in Path("/proc/self/status").read_text().splitlines():
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         key, _, value = line.partition(":")
         if key in ("RssAnon", "RssFile"):
             fields[key] = int(value.split()[0])

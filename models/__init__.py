@@ -1,4 +1,13 @@
 """ERNIE 4.5 (dense, MoE, VL) and ErnieM in plain PyTorch, loading the official hub checkpoints (no transformers)."""
+import os
+
+# torch's CPU matmuls (oneDNN) cache every shape they meet, twice (ideep's LRU_CACHE_CAPACITY and
+# oneDNN's primitive cache, 1,024 entries each, ~0.26 MiB an entry); prompts and batched steps of
+# ever new lengths fill them to ~540 MiB. 128 keeps the decode steps' shapes and bounds them to
+# ~70 MiB. Read at the first matmul: a value set before that wins.
+os.environ.setdefault("LRU_CACHE_CAPACITY", "128")
+os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "128")
+
 from .batching import BatchGenerator
 from .ernie4_5 import Ernie45Config, Ernie45ForCausalLM
 from .ernie4_5_vl import Ernie45VLConfig, Ernie45VLForConditionalGeneration
