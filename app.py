@@ -12,6 +12,7 @@ from ernie_app.demo import demo_models, hub_reachable, weights_cached
 from ernie_app.manager import QUANTIZE_SETTINGS, ModelManager
 from ernie_app.registry import CHAT, build_registry, models_for, parse_model_entries
 from ernie_app.ui import build_app
+from ernie_app.uploads import MB
 
 log = logging.getLogger("ernie_studio")
 
@@ -53,9 +54,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--queue-size", type=int, default=int(env("QUEUE_SIZE", 64)),
                    help="requests waiting in the queue before new ones are turned away (ERNIE_STUDIO_QUEUE_SIZE; default 64)")
     p.add_argument("--cpu-limit-gb", type=float, default=env("CPU_LIMIT_GB"),
-                   help="largest total model size kept on the CPU (ERNIE_STUDIO_CPU_LIMIT_GB; default half the RAM)")
+                   help="largest total memory of the models kept on the CPU, weights and KV caches (ERNIE_STUDIO_CPU_LIMIT_GB; default half the RAM)")
+    p.add_argument("--max-upload-mb", type=float, default=float(env("MAX_UPLOAD_MB", 200)),
+                   help="largest file a user may upload, in MB (ERNIE_STUDIO_MAX_UPLOAD_MB; default 200)")
     p.add_argument("--preload", action="store_true", default=env_flag("PRELOAD"), help="load the default model at start (ERNIE_STUDIO_PRELOAD)")
     return p.parse_args(argv)
+
+
+def max_upload_bytes(args: argparse.Namespace) -> int:
+    return int(args.max_upload_mb * MB)
 
 
 def choose_models(args: argparse.Namespace) -> tuple[dict, str]:
@@ -90,7 +97,8 @@ def create_app(args: argparse.Namespace) -> gr.Blocks:
     manager = ModelManager(registry, cpu_limit_bytes=cpu_limit, max_concurrency=args.concurrency, quantize=args.quantize)
     if args.preload and not registry[default_model].remote:
         manager.get(default_model)
-    limits = Limits(max_context=args.max_context, request_timeout=args.request_timeout, per_user=args.per_user_limit)
+    limits = Limits(max_context=args.max_context, request_timeout=args.request_timeout, per_user=args.per_user_limit,
+                    max_upload_bytes=max_upload_bytes(args))
     app = build_app(manager, default_model, notice, limits, concurrency_limit=args.concurrency * len(registry))
     return app.queue(max_size=args.queue_size)
 
@@ -102,7 +110,8 @@ def main(argv: list[str] | None = None) -> None:
     if auth is None and (args.share or args.host not in ("127.0.0.1", "localhost", "::1")):
         log.warning("serving on %s without authentication: anyone who can reach it can use it (set ERNIE_STUDIO_AUTH)",
                     "a public share link" if args.share else args.host)
-    create_app(args).launch(server_name=args.host, server_port=args.port, share=args.share, auth=auth)
+    create_app(args).launch(server_name=args.host, server_port=args.port, share=args.share, auth=auth,
+                            max_file_size=max_upload_bytes(args))
 
 
 if __name__ == "__main__":

@@ -36,6 +36,7 @@ class Limits:
     max_context: int = 32768  # tokens, prompt plus reply; longer conversations lose their oldest turns
     request_timeout: float = 600.0  # seconds, waiting for a decode slot included
     per_user: int = 2  # requests of one client session at a time
+    max_upload_bytes: int | None = None  # a file's size: launch(max_file_size) enforces it, /image and /video check again
 
 
 class ChatSession:

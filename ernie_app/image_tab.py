@@ -8,6 +8,7 @@ import gradio as gr
 from .conversation import Controls, Limits, api_stream, build_conversation
 from .manager import ModelManager
 from .registry import VISION
+from .uploads import check_upload
 from .zerogpu import gpu
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
@@ -35,6 +36,7 @@ def build_image_api(controls: Controls, concurrency_limit: int) -> None:
               top_k: int | None = None, repetition_penalty: float | None = None, seed: int | None = None,
               stop_sequences: str = "", request: gr.Request = None):
         """Ask an ERNIE 4.5 VL model about an image; streams the reply as chat messages."""
+        check_upload(image, controls.session.limits.max_upload_bytes, "/image")
         values = (max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed, stop_sequences)
         content = [{"path": image}, question] if image else question
         yield from api_stream(controls.session, history, content, model_name, system_prompt, values, "/image",
@@ -42,8 +44,8 @@ def build_image_api(controls: Controls, concurrency_limit: int) -> None:
 
     api_history = gr.State([])
     gr.Button(visible=False).click(
-        image, [gr.File(type="filepath", visible=False), gr.Textbox(visible=False), api_history, controls.model,
-                controls.system_prompt, *controls.settings],
+        image, [gr.File(type="filepath", file_types=["image"], visible=False), gr.Textbox(visible=False), api_history,
+                controls.model, controls.system_prompt, *controls.settings],
         [gr.JSON(visible=False), api_history], api_name="image", concurrency_limit=concurrency_limit,
         concurrency_id=VISION, postprocess=False,
     )

@@ -9,6 +9,7 @@ import gradio as gr
 from .conversation import Controls, Limits, api_stream, build_conversation
 from .manager import ModelManager
 from .registry import VISION
+from .uploads import check_upload
 from .zerogpu import gpu
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
@@ -32,6 +33,7 @@ def build_video_api(controls: Controls, concurrency_limit: int) -> None:
               top_k: int | None = None, repetition_penalty: float | None = None, seed: int | None = None,
               stop_sequences: str = "", fps: float = 2.0, max_frames: int = 180, request: gr.Request = None):
         """Ask an ERNIE 4.5 VL model about a video; streams the reply as chat messages."""
+        check_upload(video, controls.session.limits.max_upload_bytes, "/video")
         values = (max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed, stop_sequences)
         content = [{"path": video}, question] if video else question
         yield from api_stream(controls.session, history, content, model_name, system_prompt, values, "/video",
@@ -39,8 +41,8 @@ def build_video_api(controls: Controls, concurrency_limit: int) -> None:
 
     api_history = gr.State([])
     gr.Button(visible=False).click(
-        video, [gr.File(type="filepath", visible=False), gr.Textbox(visible=False), api_history, controls.model,
-                controls.system_prompt, *controls.settings, *controls.sampling_of_frames],
+        video, [gr.File(type="filepath", file_types=["video"], visible=False), gr.Textbox(visible=False), api_history,
+                controls.model, controls.system_prompt, *controls.settings, *controls.sampling_of_frames],
         [gr.JSON(visible=False), api_history], api_name="video", concurrency_limit=concurrency_limit,
         concurrency_id=VISION, postprocess=False,
     )

@@ -127,6 +127,11 @@ class BatchGenerator:
             request.closed = True  # a consumer that went away frees its slot at the next step
 
     @property
+    def kv_bytes(self) -> int:
+        """Bytes the slots' caches hold: they grow with their conversations and keep them for reuse."""
+        return sum(t.nbytes for slot in self.slots for t in (*slot.cache.keys, *slot.cache.values))
+
+    @property
     def busy(self) -> bool:
         """Whether the scheduler thread is running (it stops when no request is left)."""
         return self._running

@@ -77,6 +77,8 @@ def read_video(
         with av.open(os.fspath(path)) as container:
             if not container.streams.video:
                 raise MediaError(f"{name!r} has no video stream.")
+            if container.format.name == "image2" or container.format.name.endswith("_pipe"):  # still-image demuxers
+                raise MediaError(f"{name!r} is a still image, not a video.")
             stream = container.streams.video[0]
             stream.thread_type = "AUTO"  # decoding threads change speed, not pixels
             total = stream.frames or sum(1 for packet in container.demux(stream) if packet.size)

@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 from collections.abc import Sequence
+from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -91,8 +92,6 @@ class Tokenizer:
         self.chat_template = chat_template
         self.add_bos_token = bool(config.get("add_bos_token", False))
         self._special_ids = frozenset(self.all_special_ids)
-        self._text_backend = Backend.from_str(backend.to_str())  # reads special tokens as plain text
-        self._text_backend.encode_special_tokens = True
 
     def __len__(self) -> int:
         return self.backend.get_vocab_size(with_added_tokens=True)
@@ -134,6 +133,13 @@ class Tokenizer:
         if add_special_tokens and self.add_bos_token and self.bos_token_id is not None:
             ids = [self.bos_token_id, *ids]
         return ids
+
+    @cached_property
+    def _text_backend(self) -> Backend:
+        """A copy of the backend that reads special tokens as plain text (made when first needed)."""
+        backend = Backend.from_str(self.backend.to_str())
+        backend.encode_special_tokens = True
+        return backend
 
     @staticmethod
     def _in_spans(offsets: tuple[int, int], spans: Sequence[Span]) -> bool:

@@ -91,3 +91,10 @@ def test_a_server_with_auth_answers_only_after_login(demo_names):
     finally:
         server.terminate()
         server.wait(10)
+
+
+def test_upload_limit_flag_and_variable(monkeypatch):
+    assert app.max_upload_bytes(app.parse_args([])) == 200 * 2**20
+    monkeypatch.setenv("ERNIE_STUDIO_MAX_UPLOAD_MB", "1.5")
+    assert app.max_upload_bytes(app.parse_args([])) == int(1.5 * 2**20)
+    assert app.max_upload_bytes(app.parse_args(["--max-upload-mb", "2"])) == 2 * 2**20

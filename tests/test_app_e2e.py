@@ -1,7 +1,9 @@
 """End to end: the real Gradio server on 127.0.0.1 in demo mode, driven through gradio_client."""
 from __future__ import annotations
 
+import os
 import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -9,11 +11,14 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import httpx
 import pytest
 from PIL import Image
+from gradio import processing_utils
 from gradio_client import Client, handle_file
 from gradio_client.exceptions import AppError
 
+from ernie_app.conversation import Limits
 from ernie_app.manager import ModelManager
 from ernie_app.registry import DEFAULT_MODELS
 from ernie_app.turns import SERVER_FAULT
@@ -349,3 +354,71 @@ def test_video_frame_sampling_is_capped(client, demo_registry, fps, max_frames, 
     with pytest.raises(AppError, match=expected):
         client.predict(handle_file(str(ASSETS / "clock.mp4")), "What happens?", vision_model(demo_registry), "", 4, 0.0,
                        1.0, 0, 1.0, -1, "", fps, max_frames, api_name="/video")
+
+
+UPLOAD_LIMIT = 2**20  # what `--max-upload-mb 1` sets
+
+
+@pytest.fixture(scope="module")
+def limited_server(server, demo_names):
+    """The app with a 1 MB upload limit, launched as app.py launches it, over the same models."""
+    _, manager = server
+    app = build_app(manager, demo_names[0], limits=Limits(max_upload_bytes=UPLOAD_LIMIT)).queue()
+    app.launch(server_name="127.0.0.1", server_port=free_port(), prevent_thread_lock=True, quiet=True,
+               max_file_size=UPLOAD_LIMIT)
+    yield app
+    app.close()
+
+
+@pytest.mark.parametrize(("api", "name"), [("/image", "poster.png"), ("/video", "film.mp4")])
+def test_files_over_the_upload_limit_are_refused_readably(limited_server, demo_registry, tmp_path, monkeypatch, api, name):
+    client = Client(limited_server.local_url, verbose=False)
+    big = tmp_path / name
+    big.write_bytes(os.urandom(2 * UPLOAD_LIMIT))
+    with pytest.raises(ValueError, match=f"exceeds the maximum file size of {UPLOAD_LIMIT} bytes"):
+        client.predict(handle_file(str(big)), "What is it?", vision_model(demo_registry), api_name=api)  # gradio_client's own check
+    with big.open("rb") as file:
+        upload = httpx.post(client.upload_url, files=[("files", (name, file))])
+    assert upload.status_code == 413 and "maximum allowed size" in upload.text  # Gradio's, for any HTTP client
+
+    async def download(url: str, cache_dir: str) -> str:  # Gradio fetches a file given as a URL, without a limit
+        target = Path(cache_dir) / "downloaded" / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(big, target)
+        return str(target)
+
+    monkeypatch.setattr(processing_utils, "async_ssrf_protected_download", download)
+    with pytest.raises(AppError, match=f"'{name}' is 2.0 MB; files are limited to 1 MB.") as refused:
+        client.predict(handle_file(f"https://example.com/{name}"), "What is it?", vision_model(demo_registry), api_name=api)
+    assert "Traceback" not in str(refused.value)
+
+
+def test_files_under_the_upload_limit_are_answered(limited_server, demo_registry):
+    client = Client(limited_server.local_url, verbose=False)
+    assert stats(client.predict(handle_file(str(ASSETS / "shapes.png")), "What is it?", vision_model(demo_registry), "", 4, 0.0,
+                                api_name="/image"))
+
+
+@pytest.mark.parametrize(("api", "wrong"), [("/image", "clock.mp4"), ("/image", "notes.txt"),
+                                            ("/video", "shapes.png"), ("/video", "notes.txt")])
+def test_media_endpoints_take_only_their_kind_of_file(client, demo_registry, tmp_path, api, wrong):
+    path = ASSETS / wrong if wrong != "notes.txt" else tmp_path / wrong
+    if wrong == "notes.txt":
+        path.write_text("plain text")
+    with pytest.raises(AppError, match="Invalid file type"):
+        client.predict(handle_file(str(path)), "What is it?", vision_model(demo_registry), api_name=api)
+
+
+@pytest.mark.parametrize("api", ["image", "video"])
+@pytest.mark.parametrize("path", ["/etc/passwd", str(ASSETS / "shapes.png")])
+def test_media_endpoints_open_no_file_named_by_a_client(server, demo_registry, api, path):
+    """A file on the server named in the request, rather than uploaded, is refused before the
+    endpoint runs (Gradio accepts only its own upload folder's files)."""
+    app, _ = server
+    file = {"path": path, "meta": {"_type": "gradio.FileData"}}
+    # every input as Gradio's HTTP API takes them, the session state's included
+    data = [file, "What is in it?", None, vision_model(demo_registry), "", 4, 0.0, 1.0, 0, 1.0, -1, ""]
+    data += [2.0, 16] if api == "video" else []
+    event = httpx.post(f"{app.local_url}gradio_api/call/{api}", json={"data": data}).json()["event_id"]
+    events = httpx.get(f"{app.local_url}gradio_api/call/{api}/{event}", timeout=60).text
+    assert "event: error" in events and "event: complete" not in events

@@ -5,12 +5,16 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
+from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 
 from ernie_app import manager as manager_module
-from ernie_app.manager import ModelManager, ModelUnavailable, checkpoint_bytes
+from ernie_app.manager import (
+    ModelManager, ModelUnavailable, checkpoint_size, cpu_bytes_needed, gpu_bytes_needed, kv_budget_bytes,
+)
 from models import CheckpointError, load_model
 
 
@@ -26,6 +30,11 @@ def counting_loads(monkeypatch, delay=0.0):
 
     monkeypatch.setattr(ModelManager, "_load", load)
     return calls
+
+
+def room_for_one(registry, names) -> int:
+    """A CPU limit that holds any one of these models (of similar sizes) but no two."""
+    return int(max(cpu_bytes_needed(*checkpoint_size(registry[n])) for n in names) * 1.2)
 
 
 def test_lazy_and_loaded_once_under_concurrent_requests(demo_registry, demo_names, monkeypatch):
@@ -67,9 +76,7 @@ def test_load_error_reaches_every_waiting_request(demo_registry, demo_names, tmp
 
 
 def test_least_recently_used_idle_model_is_evicted(demo_registry, demo_names):
-    sizes = [checkpoint_bytes(manager_module.Path(demo_registry[n].source)) for n in demo_names[:2]]
-    in_memory = manager_module.default_dtype(torch.device("cpu")).itemsize / 2  # files are bf16
-    manager = ModelManager(demo_registry, cpu_limit_bytes=int(max(sizes) * in_memory * 1.2), quantize="none")  # room for one
+    manager = ModelManager(demo_registry, cpu_limit_bytes=room_for_one(demo_registry, demo_names[:2]), quantize="none")
     first = manager.get(demo_names[0])
     manager.get(demo_names[1])
     assert [m.spec.name for m in manager.loaded()] == [demo_names[1]]
@@ -90,25 +97,26 @@ def test_unknown_model_and_too_big_model_get_clear_messages(demo_registry, demo_
 
 
 def test_gpu_placement_prefers_the_emptiest_gpu_then_splits(demo_registry, demo_names, monkeypatch):
-    folder = manager_module.Path(demo_registry[demo_names[1]].source)
-    stored = checkpoint_bytes(folder)
-    need = int(stored * manager_module.GPU_HEADROOM) + manager_module.GPU_RESERVE_BYTES
-    manager = ModelManager(demo_registry, cpu_limit_bytes=0)
     spec = demo_registry[demo_names[1]]
+    folder = Path(spec.source)
+    config, stored = checkpoint_size(spec)
+    need = gpu_bytes_needed(config, stored)
+    manager = ModelManager(demo_registry, cpu_limit_bytes=0)
 
     monkeypatch.setattr(manager_module, "gpu_free_bytes", lambda: {0: need, 1: need + 10})
-    assert manager.place(folder, spec) == "cuda:1"
+    assert manager.place(spec, config, stored) == "cuda:1"
 
     reserve = manager_module.GPU_RESERVE_BYTES
-    monkeypatch.setattr(manager_module, "gpu_free_bytes", lambda: {0: reserve + stored // 2 + 4096, 1: reserve + stored})
-    device_map = manager.place(folder, spec)
+    share = (need - reserve) * 6 // 10  # weights, activations and KV budget: 60% on each GPU
+    monkeypatch.setattr(manager_module, "gpu_free_bytes", lambda: {0: reserve + share, 1: reserve + share})
+    device_map = manager.place(spec, config, stored)
     assert set(device_map.values()) == {"cuda:0", "cuda:1"}
     on_cpu = {name: "cpu" for name in device_map}  # the same map must place every tensor
     assert load_model(folder, device=on_cpu, dtype=torch.float32).model.layers[-1].mlp is not None
 
     monkeypatch.setattr(manager_module, "gpu_free_bytes", lambda: {0: 10, 1: 10})
     with pytest.raises(ModelUnavailable):
-        manager.place(folder, spec)
+        manager.place(spec, config, stored)
 
 
 def test_concurrent_generations_do_not_share_state(demo_registry, demo_names, monkeypatch):
@@ -132,3 +140,221 @@ def test_concurrent_generations_do_not_share_state(demo_registry, demo_names, mo
     for t in threads:
         t.join()
     assert together == alone
+
+
+class PausingLock:
+    """The manager's lock, stopping the thread named `name` right after it first releases it
+    (the end of that thread's lookup) until `resume` is set."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.paused, self.resume = threading.Event(), threading.Event()
+        self._lock = threading.Lock()
+
+    def __enter__(self) -> None:
+        self._lock.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self._lock.release()
+        if threading.current_thread().name == self.name and not self.paused.is_set():
+            self.paused.set()
+            assert self.resume.wait(5)
+
+
+def loaded_names(manager):
+    return [m.spec.name for m in manager.loaded()]
+
+
+def test_a_model_found_for_use_cannot_be_evicted_before_it_is_counted(demo_registry, demo_names):
+    """A request that has found its model, paused before anything else, keeps it: the next load
+    cannot evict it to make room."""
+    first, second = demo_names[:2]
+    manager = ModelManager(demo_registry, cpu_limit_bytes=room_for_one(demo_registry, demo_names[:2]), quantize="none")
+    manager.get(first)
+    manager._lock = lock = PausingLock("user")
+    seen = []
+
+    def user():
+        with manager.use(first):
+            seen.append(loaded_names(manager))
+
+    thread = threading.Thread(target=user, name="user")
+    thread.start()
+    assert lock.paused.wait(5)
+    try:
+        with pytest.raises(ModelUnavailable, match="CPU limit"):
+            manager.get(second)
+    finally:
+        lock.resume.set()
+        thread.join(5)
+    assert seen == [[first]]
+
+
+def test_requests_waiting_for_a_load_are_counted_when_it_is_published(demo_registry, demo_names, monkeypatch):
+    """A request that joined a load in progress keeps the model even if an eviction comes between
+    the load's end and the request waking up."""
+    first, second = demo_names[:2]
+    manager = ModelManager(demo_registry, cpu_limit_bytes=room_for_one(demo_registry, demo_names[:2]), quantize="none")
+    loading, finish = threading.Event(), threading.Event()
+    original = ModelManager._load
+
+    def held_load(self, spec, progress):
+        if spec.name == first:
+            loading.set()
+            assert finish.wait(5)
+        return original(self, spec, progress)
+
+    monkeypatch.setattr(ModelManager, "_load", held_load)
+    owner = threading.Thread(target=manager.get, args=(first,))
+    owner.start()
+    assert loading.wait(5)
+    manager._lock = lock = PausingLock("waiter")
+    seen = []
+
+    def waiter():
+        with manager.use(first):
+            seen.append(loaded_names(manager))
+
+    thread = threading.Thread(target=waiter, name="waiter")
+    thread.start()
+    assert lock.paused.wait(5)  # the waiter has joined the load
+    finish.set()
+    owner.join(5)  # the load is published; the waiter is still paused
+    try:
+        with pytest.raises(ModelUnavailable, match="CPU limit"):
+            manager.get(second)
+    finally:
+        lock.resume.set()
+        thread.join(5)
+    assert seen == [[first]]
+
+
+@pytest.mark.parametrize("device", ["cpu", "cuda:0"])
+def test_a_load_in_progress_reserves_its_memory(demo_registry, demo_names, monkeypatch, device):
+    """Two models that do not fit together, loading at once: the second placement sees the first's
+    reservation instead of the same free memory."""
+    first, second = demo_names[:2]
+    if device == "cpu":
+        manager = ModelManager(demo_registry, cpu_limit_bytes=room_for_one(demo_registry, demo_names[:2]), quantize="none")
+    else:
+        free = int(max(gpu_bytes_needed(*checkpoint_size(demo_registry[n])) for n in (first, second)) * 1.2)
+        monkeypatch.setattr(manager_module, "gpu_free_bytes", lambda: {0: free})  # not lowered by the load: a snapshot
+        manager = ModelManager(demo_registry, cpu_limit_bytes=0)
+    placed, finish = threading.Event(), threading.Event()
+    original = manager_module.load_model
+
+    def held_load_model(folder, device, **options):  # between the first load's placement and its end
+        if threading.current_thread().name == "first":
+            placed.set()
+            assert finish.wait(5)
+        return original(folder, device="cpu", **options)  # a GPU placement is loaded on the CPU here
+
+    monkeypatch.setattr(manager_module, "load_model", held_load_model)
+    thread = threading.Thread(target=manager.get, args=(first,), name="first")
+    thread.start()
+    assert placed.wait(5)
+    try:
+        with pytest.raises(ModelUnavailable, match="no GPU has that free"):
+            manager.get(second)
+    finally:
+        finish.set()
+        thread.join(5)
+    assert loaded_names(manager) == [first] and manager.loaded()[0].placement == device
+
+
+def test_a_failed_load_releases_its_reservation(demo_registry, demo_names, monkeypatch):
+    first, second = demo_names[:2]
+    manager = ModelManager(demo_registry, cpu_limit_bytes=room_for_one(demo_registry, demo_names[:2]), quantize="none")
+    original = manager_module.load_model
+
+    def failing_once(*args, **kwargs):
+        monkeypatch.setattr(manager_module, "load_model", original)
+        raise OSError("disk error")
+
+    monkeypatch.setattr(manager_module, "load_model", failing_once)
+    with pytest.raises(OSError, match="disk error"):
+        manager.get(first)
+    manager.get(second)
+    assert loaded_names(manager) == [second]
+
+
+def test_fit_is_checked_from_the_hub_listing_before_downloading(demo_registry, demo_names, tmp_path, monkeypatch):
+    """A hub model too big for the memory is refused without a download, from the sizes of the
+    files it would fetch; one that fits is then downloaded."""
+    import huggingface_hub
+
+    spec = demo_registry[demo_names[0]]
+    folder = Path(spec.source)
+    (tmp_path / "config.json").write_text((folder / "config.json").read_text())  # the one file fetched first
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", lambda repo_id, filename, revision=None: str(tmp_path / filename))
+    listing = [SimpleNamespace(rfilename="README.md", size=10**6), SimpleNamespace(rfilename="pytorch_model.bin", size=2**40)]
+    listing += [SimpleNamespace(rfilename=f"model-0000{i}-of-00002.safetensors", size=40 * 2**30) for i in (1, 2)]
+    monkeypatch.setattr(huggingface_hub.HfApi, "model_info", lambda self, repo_id, revision=None, files_metadata=False: SimpleNamespace(siblings=listing))
+    downloads = []
+
+    def download(source, revision=None):
+        downloads.append(source)
+        return folder
+
+    monkeypatch.setattr(manager_module, "resolve_checkpoint", download)
+    manager = ModelManager({"hub": replace(spec, name="hub", source="example/hub")},
+                           cpu_limit_bytes=2 * cpu_bytes_needed(*checkpoint_size(spec)))
+    with pytest.raises(ModelUnavailable, match="needs about 80.0 GiB for its weights"):
+        manager.get("hub")
+    assert downloads == []
+    listing[2:] = [SimpleNamespace(rfilename="model.safetensors", size=(folder / "model.safetensors").stat().st_size)]
+    assert manager.get("hub").placement == "cpu" and downloads == ["example/hub"]
+
+
+def test_hub_size_comes_from_the_cache_when_the_hub_does_not_answer(demo_registry, demo_names, tmp_path, monkeypatch):
+    import huggingface_hub
+    from huggingface_hub.errors import OfflineModeIsEnabled
+
+    def no_answer(self, repo_id, revision=None, files_metadata=False):
+        raise OfflineModeIsEnabled("offline")
+
+    monkeypatch.setattr(huggingface_hub.HfApi, "model_info", no_answer)
+    spec = replace(demo_registry[demo_names[0]], source="example/cached")
+    cached = Path(demo_registry[demo_names[0]].source)  # stands for the cached snapshot
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", lambda repo_id, filename, revision=None: str(cached / filename))
+    assert checkpoint_size(spec) == checkpoint_size(demo_registry[demo_names[0]])
+    (tmp_path / "config.json").write_text((cached / "config.json").read_text())  # a snapshot without weights
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", lambda repo_id, filename, revision=None: str(tmp_path / filename))
+    with pytest.raises(ModelUnavailable, match="not in the local cache"):
+        checkpoint_size(spec)
+
+
+def test_kv_caches_grown_past_their_budget_count_against_the_next_load(demo_registry, demo_names, monkeypatch):
+    """While one request's long prompt is being prefilled (its cache grown past the budget), a
+    load that would fit beside the model's budget but not beside what it now holds is refused."""
+    first, second = demo_names[:2]
+    monkeypatch.setattr(manager_module, "KV_BUDGET_TOKENS", 8 * 256)  # what the 8 slots start with
+    manager = ModelManager(demo_registry, quantize="none")
+    loaded = manager.get(first)
+    config, _ = checkpoint_size(demo_registry[first])
+    manager.cpu_limit_bytes = (loaded.weight_bytes + kv_budget_bytes(config, torch.device("cpu"))
+                               + cpu_bytes_needed(*checkpoint_size(demo_registry[second])))  # both, at their budgets
+    grown, resume = threading.Event(), threading.Event()
+    forward_step = loaded.model.forward_step
+
+    def held_step(*args, **kwargs):  # the scheduler thread, after the caches are reserved for the step
+        grown.set()
+        assert resume.wait(5)
+        return forward_step(*args, **kwargs)
+
+    monkeypatch.setattr(loaded.model, "forward_step", held_step)
+
+    def user():
+        with manager.use(first) as model:
+            list(model.batcher.generate([3 + i % 500 for i in range(600)], max_new_tokens=1))  # a slot grows to 512
+
+    thread = threading.Thread(target=user)
+    thread.start()
+    assert grown.wait(5)
+    try:
+        with pytest.raises(ModelUnavailable, match="CPU limit"):
+            manager.get(second)
+    finally:
+        resume.set()
+        thread.join(5)
+    assert loaded_names(manager) == [first]

@@ -334,9 +334,12 @@ def test_bad_media_raise_readable_errors(processor, tmp_path):
     truncated.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
     no_frames = write_video(tmp_path / "no_frames.mkv", 0, 10)  # a header and no frame
     audio = write_audio_only(tmp_path / "sound.wav")
+    still = tmp_path / "still.mp4"
+    Image.new("RGB", (64, 48), (200, 30, 30)).save(still, format="PNG")
     cases = {
         fake_video: "not a readable video", empty: "is empty", truncated: "not a readable video",
         no_frames: "not a readable video", audio: "no video stream", tmp_path / "missing.mp4": "not found",
+        still: "still image, not a video",
     }
     for path, message in cases.items():
         with pytest.raises(MediaError, match=message):

@@ -5,65 +5,9 @@ from __future__ import annotations
 import re
 
 import pytest
-from playwright.sync_api import Page, expect
+from playwright.sync_api import expect
 
 from ernie_app.turns import MAX_MESSAGE_CHARS
-
-STATS = re.compile(r"⚡ .*tokens")
-
-
-class ChatPage:
-    """What a person sees and touches on the Chat tab."""
-
-    def __init__(self, page: Page) -> None:
-        self.page = page
-        self.box = page.get_by_placeholder("Message ERNIE…")
-        self.chat = page.get_by_label("chatbot conversation")
-        self.submit_button = page.get_by_test_id("submit-button")
-        self.stop_button = page.locator("button.stop-button")
-
-    def send(self, text: str) -> None:
-        self.box.fill(text)
-        self.box.press("Enter")
-
-    def user_messages(self) -> list[str]:
-        return [m.inner_text().strip() for m in self.page.get_by_test_id("user").all()]
-
-    def bot_text(self) -> str:
-        return self.page.get_by_test_id("bot").first.inner_text()
-
-    def stats(self):
-        return self.chat.get_by_text(STATS)
-
-    def wait_until_idle(self, timeout: float = 60_000) -> None:
-        expect(self.submit_button).to_be_visible(timeout=timeout)
-        expect(self.box).to_be_editable()
-
-    def settings(self) -> None:
-        self.page.get_by_text("Sampling settings").click()
-
-    def set_number(self, label: str, value: float) -> None:
-        field = self.page.get_by_label(f"number input for {label}")
-        field.fill(str(value))
-        field.press("Enter")
-
-    def answer_once(self, text: str) -> None:
-        """Send `text` and wait for the whole reply (one more statistics line)."""
-        answered = self.stats().count()
-        self.send(text)
-        expect(self.stats()).to_have_count(answered + 1, timeout=60_000)
-        self.wait_until_idle()
-
-    def toast(self, text: str):
-        return self.page.get_by_test_id("toast-body").filter(has_text=text)
-
-    def assert_no_error_badge(self) -> None:
-        expect(self.page.get_by_test_id("status-tracker").filter(has_text=re.compile(r"^\s*Error"))).to_have_count(0)
-
-
-@pytest.fixture()
-def chat(page) -> ChatPage:
-    return ChatPage(page)
 
 
 def test_page_loads_without_console_errors(page, chat):
