@@ -244,7 +244,7 @@ def test_a_load_in_progress_reserves_its_memory(demo_registry, demo_names, monke
     original = manager_module.load_model
 
     def held_load_model(folder, device, **options):  # between the first load's placement and its end
-        if threading.current_thread().name == "first":
+        if Path(folder).resolve() == Path(demo_registry[first].source).resolve():
             placed.set()
             assert finish.wait(5)
         return original(folder, device="cpu", **options)  # a GPU placement is loaded on the CPU here
@@ -358,3 +358,25 @@ def test_kv_caches_grown_past_their_budget_count_against_the_next_load(demo_regi
         resume.set()
         thread.join(5)
     assert loaded_names(manager) == [first]
+
+
+def test_a_model_loads_on_a_thread_of_its_own_that_ends_with_the_load(demo_registry, demo_names, monkeypatch):
+    """The load's OpenMP pool must not outlive it (see in_own_thread); errors and the caller's
+    context (Gradio's progress) cross over."""
+    threads, notes = [], []
+    original = manager_module.load_model
+
+    def recording_load(*args, **kwargs):
+        threads.append(threading.current_thread())
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(manager_module, "load_model", recording_load)
+    manager = ModelManager(demo_registry)
+    manager.get(demo_names[0], progress=lambda fraction, note: notes.append(threading.current_thread()))
+    assert threads and threads[0] is not threading.current_thread() and not threads[0].is_alive()
+    assert notes and all(t is threads[0] for t in notes)
+    variable = manager_module.contextvars.ContextVar("request")
+    variable.set("mine")
+    assert manager_module.in_own_thread(variable.get) == "mine"
+    with pytest.raises(ZeroDivisionError):
+        manager_module.in_own_thread(lambda: 1 / 0)
