@@ -165,28 +165,40 @@ def loaded_names(manager):
     return [m.spec.name for m in manager.loaded()]
 
 
+def paused_user(manager, name: str):
+    """A thread entering `manager.use(name)`, paused right after its first release of the
+    manager's lock; returns it, its lock (`resume` it) and what it saw once inside."""
+    manager._lock = lock = PausingLock("user")
+    seen = []
+
+    def user():
+        with manager.use(name):
+            seen.append(loaded_names(manager))
+
+    thread = threading.Thread(target=user, name="user")
+    thread.start()
+    assert lock.paused.wait(5)
+    return thread, lock, seen
+
+
+def eviction_is_refused(manager, other: str, thread, lock) -> None:
+    """Loading `other` needs an eviction, which must fail while the paused user holds its model."""
+    try:
+        with pytest.raises(ModelUnavailable, match="CPU limit"):
+            manager.get(other)
+    finally:
+        lock.resume.set()
+        thread.join(5)
+
+
 def test_a_model_found_for_use_cannot_be_evicted_before_it_is_counted(demo_registry, demo_names):
     """A request that has found its model, paused before anything else, keeps it: the next load
     cannot evict it to make room."""
     first, second = demo_names[:2]
     manager = ModelManager(demo_registry, cpu_limit_bytes=room_for_one(demo_registry, demo_names[:2]), quantize="none")
     manager.get(first)
-    manager._lock = lock = PausingLock("user")
-    seen = []
-
-    def user():
-        with manager.use(first):
-            seen.append(loaded_names(manager))
-
-    thread = threading.Thread(target=user, name="user")
-    thread.start()
-    assert lock.paused.wait(5)
-    try:
-        with pytest.raises(ModelUnavailable, match="CPU limit"):
-            manager.get(second)
-    finally:
-        lock.resume.set()
-        thread.join(5)
+    thread, lock, seen = paused_user(manager, first)
+    eviction_is_refused(manager, second, thread, lock)
     assert seen == [[first]]
 
 
@@ -208,24 +220,10 @@ def test_requests_waiting_for_a_load_are_counted_when_it_is_published(demo_regis
     owner = threading.Thread(target=manager.get, args=(first,))
     owner.start()
     assert loading.wait(5)
-    manager._lock = lock = PausingLock("waiter")
-    seen = []
-
-    def waiter():
-        with manager.use(first):
-            seen.append(loaded_names(manager))
-
-    thread = threading.Thread(target=waiter, name="waiter")
-    thread.start()
-    assert lock.paused.wait(5)  # the waiter has joined the load
+    thread, lock, seen = paused_user(manager, first)  # it has joined the load
     finish.set()
     owner.join(5)  # the load is published; the waiter is still paused
-    try:
-        with pytest.raises(ModelUnavailable, match="CPU limit"):
-            manager.get(second)
-    finally:
-        lock.resume.set()
-        thread.join(5)
+    eviction_is_refused(manager, second, thread, lock)
     assert seen == [[first]]
 
 
