@@ -24,6 +24,7 @@ def test_message_streams_into_the_page(chat):
     chat.send("Hello, who are you?")
     expect(chat.stop_button).to_be_visible()
     expect(chat.page.get_by_test_id("bot")).to_have_count(1, timeout=30_000)
+    expect(chat.page.get_by_test_id("bot").first).not_to_contain_text("⏳", timeout=60_000)  # loaded: the reply, not a status
     first = chat.bot_text()
     expect(chat.stats()).to_have_count(1, timeout=60_000)
     final = chat.bot_text()
