@@ -98,8 +98,9 @@ def check_message(message) -> str:
         raise UserError("Please type a message.")
     if len(text) > MAX_MESSAGE_CHARS:
         raise UserError(f"That message has {len(text):,} characters; the limit is {MAX_MESSAGE_CHARS:,}.")
-    if len(message_files(message)) > MAX_FILES_PER_MESSAGE:
-        raise UserError(f"That message has {len(message_files(message))} files; the limit is {MAX_FILES_PER_MESSAGE} per message.")
+    files = len(message_files(message))
+    if files > MAX_FILES_PER_MESSAGE:
+        raise UserError(f"That message has {files} files; the limit is {MAX_FILES_PER_MESSAGE} per message.")
     return text
 
 
