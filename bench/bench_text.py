@@ -7,8 +7,10 @@ markdown tables:
      after 128 and after 4,096 tokens of context, sampled decode tok/s (temperature 0.8, top-k 50,
      top-p 0.9), peak memory, and decode as a fraction of the memory-bandwidth bound (bandwidth
      measured here / weight bytes streamed per token);
-  2. ours only: aggregate tok/s of 1/2/4/8 concurrent requests (continuous batching), and the
-     time to first token of a follow-up turn after 3,000 tokens of history (KV prefix reuse).
+  2. ours only, in a second process that serves as the app does (model and BatchGenerator built on a
+     thread that ends): aggregate tok/s of 1/2/4/8 concurrent requests (continuous batching) while
+     all of them decode and end to end, and the time to first token of a follow-up turn after
+     3,000 tokens of history (KV prefix reuse).
 llama.cpp runs when `--llama-cpp DIR` names the output of ../shared/tools/llamacpp-peer.sh
 (DIR/bin/llama-bench, DIR/model-bf16.gguf, DIR/model-q8_0.gguf made from this checkpoint).
 
@@ -76,13 +78,13 @@ def measure_ours(folder: str, device: str, dtype: torch.dtype, sizes: dict, quan
                  quick: bool = False) -> dict:
     """As a library user: load_model (the decode step compiles in the background where it does by
     default; timed from the end of loading until it is ready), then generate."""
-    from models import BatchGenerator, generate, load_model
+    from models import generate, load_model
 
     model = load_model(folder, device=device, dtype=dtype, quantize=quantize, compile_decode=compile_decode)
     loaded = time.perf_counter()
-    if model.fast_decode is not None:
-        model.fast_decode.ready.wait()
-    compile_s = time.perf_counter() - loaded if model.fast_decode is not None and model.fast_decode.ready.is_set() else None
+    if model.fast_decode is not None:  # both graphs: the batched one compiles after the one-token one
+        model.fast_decode.batch_ready.wait(timeout=900)
+    compile_s = time.perf_counter() - loaded if model.fast_decode is not None and model.fast_decode.batch_ready.is_set() else None
     vocab, new = model.config.vocab_size, sizes["new"]
 
     def run(n_prompt: int, new_tokens: int = new, seed: int = 0, **sampling) -> tuple[float, float]:
@@ -96,13 +98,35 @@ def measure_ours(folder: str, device: str, dtype: torch.dtype, sizes: dict, quan
     if quick:
         return result
     result.update(ttft_long_ms=run(sizes["long"], 2)[0], decode_deep_tok_s=run(sizes["deep"])[1])
+    return result
 
-    batcher = BatchGenerator(model, slots=max(USERS))
+
+def measure_batching(folder: str, device: str, dtype: torch.dtype, sizes: dict, quantize: str | None,
+                     compile_decode: bool | None) -> dict:
+    """As the app serves: the model loaded and the `BatchGenerator` built on a thread that ends
+    (ernie_app.manager.in_own_thread: no second OpenMP pool), requests from threads of their own."""
+    from models import BatchGenerator, load_model
+
+    made: dict = {}
+
+    def load() -> None:
+        made["model"] = model = load_model(folder, device=device, dtype=dtype, quantize=quantize, compile_decode=compile_decode)
+        made["batcher"] = BatchGenerator(model, slots=max(USERS))
+
+    thread = threading.Thread(target=load)
+    thread.start()
+    thread.join()
+    model, batcher = made["model"], made["batcher"]
+    if model.fast_decode is not None:
+        model.fast_decode.batch_ready.wait(timeout=900)
+    vocab, new = model.config.vocab_size, sizes["new"]
+    result = {}
+    list(batcher.generate(random_prompt(vocab, sizes["short"], 99), 8, eos_token_ids=[]))  # warm-up
     for users in USERS:
-        done = []
+        stamps: list[list[float]] = [[] for _ in range(users)]
 
         def user(i: int) -> None:
-            done.append(len(list(batcher.generate(random_prompt(vocab, sizes["short"], 100 + i), new, eos_token_ids=[]))))
+            stamps[i] = stamps_of(batcher.generate(random_prompt(vocab, sizes["short"], 100 + i), new, eos_token_ids=[]), device)
 
         threads = [threading.Thread(target=user, args=(i,)) for i in range(users)]
         started = time.perf_counter()
@@ -110,7 +134,11 @@ def measure_ours(folder: str, device: str, dtype: torch.dtype, sizes: dict, quan
             t.start()
         for t in threads:
             t.join()
-        result[f"aggregate_{users}_tok_s"] = sum(done) / (time.perf_counter() - started)
+        result[f"aggregate_{users}_tok_s"] = sum(len(s) - 1 for s in stamps) / (time.perf_counter() - started)
+        # While every request decodes: from the last first token to the first last token.
+        begin, end = max(s[1] for s in stamps), min(s[-1] for s in stamps)
+        tokens = sum(begin < t <= end for s in stamps for t in s[2:])
+        result[f"decoding_{users}_tok_s"] = tokens / (end - begin) if tokens else float("nan")  # nan: no overlap
 
     first_turn = random_prompt(vocab, sizes["short"], 7)
     result["ttft_first_turn_ms"] = figures(stamps_of(batcher.generate(first_turn, 2, eos_token_ids=[]), device))[0]
@@ -175,7 +203,7 @@ def measure_llama_cpp(peer: str, quant: str, sizes: dict) -> dict:
 
 
 def measure(engine: str, args: argparse.Namespace) -> dict:
-    """One engine, in this process; returns its figures."""
+    """One engine (or, `--batching`, ours serving concurrent requests), in this process; its figures."""
     sizes, dtype = SIZES["tiny" if args.model == "tiny" else "full"], getattr(torch, args.dtype)
     if args.device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
@@ -183,11 +211,13 @@ def measure(engine: str, args: argparse.Namespace) -> dict:
         result = measure_llama_cpp(args.llama_cpp, engine.split("-", 1)[1], sizes)
         peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20
     else:
+        ours = (args.dir, args.device, dtype, sizes, "int8" if "int8" in engine else None, False if "eager" in engine else None)
         if engine == "transformers":
             result = measure_transformers(args.dir, args.device, dtype, sizes)
+        elif args.batching:
+            result = measure_batching(*ours)
         else:
-            result = measure_ours(args.dir, args.device, dtype, sizes, "int8" if "int8" in engine else None,
-                                  False if "eager" in engine else None, args.quick)
+            result = measure_ours(*ours, args.quick)
         peak = (torch.cuda.max_memory_allocated() if args.device.startswith("cuda")
                 else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2**30
     return {"engine": engine, "peak_gib": peak, **result}
@@ -230,14 +260,19 @@ def print_tables(rows: list[dict], bandwidth: float, sizes: dict, title: str) ->
               f"{r['decode_tok_s'] / bound:.0%} of {bound:.0f} tok/s | {r.get('compile_s') or 0:.0f} |")
     ours = [r for r in rows if "aggregate_1_tok_s" in r]
     if ours:
-        print(f"\nConcurrent requests ({s['short']}-token prompts, {s['new']} new tokens each; aggregate tok/s, "
-              f"prefill included) and a follow-up turn's TTFT after {s['history']:,} tokens of history\n")
-        print("| engine | " + " | ".join(f"{u} user{'s' * (u > 1)}" for u in USERS) + " | 8 users / 1 | TTFT first turn (ms) | TTFT follow-up (ms) |")
-        print("|---|" + "---|" * (len(USERS) + 3))
+        print(f"\nConcurrent requests ({s['short']}-token prompts, {s['new']} new tokens each) through one BatchGenerator: "
+              f"aggregate tok/s while all of them decode, then end to end (prefill included); and a follow-up "
+              f"turn's TTFT after {s['history']:,} tokens of history\n")
+        users = " | ".join(f"{u} user{'s' * (u > 1)}" for u in USERS)
+        print(f"| engine | decoding: {users} | {USERS[-1]} / 1 | end to end: {users} | {USERS[-1]} / 1 "
+              "| TTFT first turn (ms) | TTFT follow-up (ms) |")
+        print("|---|" + "---|" * (2 * len(USERS) + 4))
         for r in ours:
-            aggregate = [r[f"aggregate_{u}_tok_s"] for u in USERS]
-            print(f"| {r['engine']} | " + " | ".join(f"{a:.1f}" for a in aggregate) +
-                  f" | {aggregate[-1] / aggregate[0]:.1f}x | {r['ttft_first_turn_ms']:.0f} | {r['ttft_follow_up_ms']:.0f} |")
+            cells = []
+            for kind in ("decoding", "aggregate"):
+                rates = [r[f"{kind}_{u}_tok_s"] for u in USERS]
+                cells += [f"{a:.1f}" for a in rates] + [f"{rates[-1] / rates[0]:.1f}x"]
+            print(f"| {r['engine']} | " + " | ".join(cells) + f" | {r['ttft_first_turn_ms']:.0f} | {r['ttft_follow_up_ms']:.0f} |")
 
 
 def main() -> None:
@@ -251,6 +286,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=1, help="run the engines this many times, alternating; best figure of each")
     parser.add_argument("--quick", action="store_true", help="only batch-1 decode (greedy and sampled) and the short TTFT")
     parser.add_argument("--one", default=None, help=argparse.SUPPRESS)  # internal: run one engine
+    parser.add_argument("--batching", action="store_true", help=argparse.SUPPRESS)  # internal: its concurrency part
     args = parser.parse_args()
 
     if args.one:
@@ -270,8 +306,11 @@ def main() -> None:
             command = [sys.executable, __file__, "--one", engine, "--dir", str(folder), "--model", args.model,
                        "--device", args.device, "--dtype", args.dtype, *(["--quick"] if args.quick else []),
                        *(["--llama-cpp", args.llama_cpp] if args.llama_cpp else [])]
-            out = subprocess.run(command, check=True, capture_output=True, text=True).stdout
-            runs[engine].append(json.loads(out.strip().splitlines()[-1]))
+            result = json.loads(subprocess.run(command, check=True, capture_output=True, text=True).stdout.splitlines()[-1])
+            if engine.startswith("ours") and not args.quick:  # serving concurrent requests: a process of its own
+                out = subprocess.run([*command, "--batching"], check=True, capture_output=True, text=True).stdout
+                result.update({k: v for k, v in json.loads(out.splitlines()[-1]).items() if k not in result})
+            runs[engine].append(result)
             print(f"measured {engine}, round {round_ + 1}", file=sys.stderr)
     rows = [best_of(results) for results in runs.values()]
     versions = f"torch {torch.__version__}"

@@ -1,6 +1,6 @@
 """Continuous batching: many requests on one text model, their steps in one forward pass.
 
-A scheduler thread owns the model. Each step feeds one token of every decoding request plus
+A scheduler thread owns the model and lives as long as the generator (see `_serve`). Each step feeds one token of every decoding request plus
 chunks of the newcomers' prompts, flattened into one row of tokens (`layers.BatchStep`): decoding
 is memory-bound, so the weights stream once for all rows and eight requests cost little more than
 one. Requests join and leave between steps; each keeps its own sampling settings, stop ids, seed
@@ -11,16 +11,18 @@ instead of prefilling them again.
 """
 from __future__ import annotations
 
+import atexit
 import queue
 import threading
 import time
+import weakref
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
 
 from .ernie4_5 import Ernie45ForCausalLM
-from .compiled import decode_step
+from .compiled import decode_batch, decode_step
 from .generation import Sampler
 from .layers import BatchStep, KVCache
 
@@ -71,20 +73,35 @@ class BatchGenerator:
 
     `slots` requests run at once (others wait for a slot); a step prefills at most
     `chunk_tokens` prompt tokens while other requests decode, `solo_chunk_tokens` when none does.
-    Each slot's cache grows with its conversation, so memory follows the tokens held. The
-    scheduler thread runs only while there is work, so an idle generator holds no thread.
+    Each slot's cache grows with its conversation, so memory follows the tokens held.
+
+    One scheduler thread runs every step, for the generator's whole life: each thread that runs
+    parallel torch work keeps an OpenMP pool while it lives, and two live pools on 2 cores make
+    libgomp sleep between parallel regions instead of spinning, which halves the compiled step
+    (BENCHMARKS.md, issue 9). A thread per busy period would leave such pools behind. The thread
+    holds the generator only weakly while idle, so dropping the generator frees it (and its
+    model); `close` ends it at once.
     """
 
     def __init__(self, model: Ernie45ForCausalLM, slots: int = 8, chunk_tokens: int = 128, solo_chunk_tokens: int = 512) -> None:
         self.model = model
         self.chunk_tokens, self.solo_chunk_tokens = chunk_tokens, solo_chunk_tokens
-        with torch.inference_mode():  # as the compiled step's own caches (else it would recompile)
-            self.slots = [Slot(model.new_cache(1, MIN_CAPACITY)) for _ in range(slots)]
+        self.slots: list[Slot] = []
         self.steps = 0  # forward passes run so far (for tests and statistics)
         self._waiting: list[Request] = []
         self._active: list[Request] = []
         self._wake = threading.Condition()
-        self._running = False
+        self._closed = threading.Event()
+        self._busy = False
+        started = queue.SimpleQueue()  # the slots' caches are made on the scheduler thread (its pool)
+        self._thread = threading.Thread(
+            target=_serve, args=(weakref.ref(self), slots, started, self._wake, self._waiting, self._closed),
+            name="batch-generator", daemon=True,
+        )
+        self._thread.start()
+        if (error := started.get()) is not None:
+            raise error
+        _LIVE.add(self)
 
     def generate(
         self,
@@ -112,12 +129,11 @@ class BatchGenerator:
         sampler = Sampler(ids.to(self.model.device), config.vocab_size, do_sample, temperature, top_p, top_k, repetition_penalty, seed)
         request = Request(ids.tolist(), max_new_tokens, sampler, stop, cancel)
         with self._wake:
+            if self._closed.is_set():
+                raise RuntimeError("this generator is closed")
             self._waiting.append(request)
-            if not self._running:
-                self._running = True
-                # Not a daemon: a daemon thread inside a torch kernel at interpreter exit aborts
-                # the process; this one ends by itself once no request is left.
-                threading.Thread(target=self._run, name="batch-generator").start()
+            self._busy = True
+            self._wake.notify()
         try:
             while (item := request.tokens.get()) is not _END:
                 if isinstance(item, BaseException):
@@ -133,17 +149,33 @@ class BatchGenerator:
 
     @property
     def busy(self) -> bool:
-        """Whether the scheduler thread is running (it stops when no request is left)."""
-        return self._running
+        """Whether requests are waiting or running."""
+        return self._busy
 
-    def _run(self) -> None:
+    def close(self) -> None:
+        """End the scheduler thread after its current step; requests not finished get an error."""
+        with self._wake:
+            self._closed.set()
+            self._wake.notify()
+        if threading.current_thread() is not self._thread:
+            self._thread.join()
+
+    def _make_slots(self, count: int) -> None:
+        with torch.inference_mode():  # as the compiled step's own caches (else it would recompile)
+            self.slots = [Slot(self.model.new_cache(1, MIN_CAPACITY)) for _ in range(count)]
+
+    def _serve_until_idle(self) -> None:
+        """Run steps until no request is left (or the generator is closed)."""
         while True:
             with self._wake:
-                for request in [r for r in self._waiting if r.abandoned]:
-                    request.tokens.put(_END)
+                for request in [r for r in self._waiting if r.abandoned or self._closed.is_set()]:
+                    request.tokens.put(_END if request.abandoned else RuntimeError("the model was unloaded"))
                     self._waiting.remove(request)
+                if self._closed.is_set():
+                    for request in list(self._active):
+                        self._finish(request, RuntimeError("the model was unloaded"))
                 if not self._active and not self._waiting:
-                    self._running = False
+                    self._busy = False
                     return
                 self._admit()
             try:
@@ -196,11 +228,14 @@ class BatchGenerator:
             if begin + n == len(request.ids):  # the prompt is complete: sample its first token
                 sampling.append(request)
                 rows.append(offset - 1)
-        if len(segments) == 1 and not chunks:  # one user decoding: the compiled step, when ready
+        ids = torch.tensor(ids, device=self.model.device)
+        if len(segments) == 1 and not chunks:  # one user decoding: the compiled steps, when ready
             cache, begin, _ = segments[0]
-            logits = decode_step(self.model, torch.tensor([ids], device=self.model.device), cache, begin)[0]
-        else:
-            logits = self.model.forward_step(step, torch.tensor(ids, device=self.model.device), rows)[0]
+            logits = decode_step(self.model, ids[None], cache, begin)[0]
+        elif not chunks:
+            logits = decode_batch(self.model, step, ids)[0]
+        else:  # prompt chunks: eager is faster for them
+            logits = self.model.forward_step(step, ids, rows)[0]
         self.steps += 1
         for request in decoding:
             request.slot.tokens.append(request.pending)
@@ -223,3 +258,34 @@ class BatchGenerator:
         slot = request.slot
         slot.request, slot.last_used = None, time.monotonic()
         self._active.remove(request)
+
+
+_LIVE: weakref.WeakSet[BatchGenerator] = weakref.WeakSet()
+
+
+def _serve(generator_ref: weakref.ref, slots: int, started: queue.SimpleQueue, wake: threading.Condition,
+           waiting: list[Request], closed: threading.Event) -> None:
+    """The scheduler thread: make the slots, then serve each busy period. While idle it holds
+    only what it waits on, not the generator, and looks every second whether it is gone."""
+    try:
+        generator_ref()._make_slots(slots)
+    except BaseException as error:
+        started.put(error)
+        return
+    started.put(None)
+    while not closed.is_set():
+        with wake:
+            wake.wait_for(lambda: waiting or closed.is_set(), timeout=1.0)
+        generator = generator_ref()
+        if generator is None:
+            return
+        generator._serve_until_idle()
+        del generator
+
+
+@atexit.register
+def _close_all() -> None:
+    """A daemon thread inside a torch kernel at interpreter exit aborts the process: let each
+    scheduler finish its step and end first."""
+    for generator in list(_LIVE):
+        generator.close()

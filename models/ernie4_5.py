@@ -323,7 +323,7 @@ class Ernie45ForCausalLM(nn.Module):
         cos, sin = rope_cos_sin(positions[None], self.inv_freq(x.device))
         return self.decode(x, cos, sin, cache, start, [-1] if last_only else None)
 
-    def forward_step(self, step: BatchStep, input_ids: torch.Tensor, logits_at: list[int]) -> torch.Tensor:
+    def forward_step(self, step: BatchStep, input_ids: torch.Tensor, logits_at: list[int] | torch.Tensor) -> torch.Tensor:
         """Logits [1, len(logits_at), V] at the given token indices of one batched step over
         several sequences (`input_ids` [N] in the step's token order)."""
         x = self.model.embed_tokens(input_ids[None])
@@ -342,7 +342,7 @@ class Ernie45ForCausalLM(nn.Module):
         sin: torch.Tensor,
         cache: KVCache | BatchStep | None,
         start: int,
-        logits_at: list[int] | None,
+        logits_at: list[int] | torch.Tensor | None,
         vision_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Logits from input embeddings x [B, T, d] and their rotary cos/sin (the decoder stack

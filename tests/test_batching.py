@@ -3,7 +3,9 @@ and leave between steps, keep their own settings and cancellation, prefill in ch
 interleave with the others' decoding, and reuse the KV cache of a conversation's prefix."""
 from __future__ import annotations
 
+import gc
 import threading
+import weakref
 
 import pytest
 import torch
@@ -166,12 +168,45 @@ def test_a_failed_step_fails_its_requests_and_the_next_request_works(model, monk
     assert list(batcher.generate(prompt, NEW_TOKENS, eos_token_ids=[])) == alone(model, prompt)
 
 
-def test_the_scheduler_thread_ends_when_idle(model):
+def wait_idle(batcher):
+    for _ in range(200):
+        if not batcher.busy:
+            return
+        threading.Event().wait(0.01)
+    raise AssertionError("the generator stayed busy")
+
+
+def test_one_scheduler_thread_runs_every_step_and_goes_idle_between_requests(model, monkeypatch):
+    """A new thread per busy period would leave OpenMP pools behind (they halve the compiled step)."""
+    (prompt,) = prompts(model, [9])
+    batcher = BatchGenerator(model, slots=2)
+    threads = set()
+    batched = model.forward_step
+
+    def recorded(*args):
+        threads.add(threading.current_thread())
+        return batched(*args)
+
+    monkeypatch.setattr(model, "forward_step", recorded)
+    for _ in range(2):
+        together(batcher, [(prompt, {}), (prompt, {})])  # two at once: batched steps
+        wait_idle(batcher)
+    assert threads == {batcher._thread}
+    assert batcher._thread.is_alive()
+
+
+def test_a_dropped_generator_ends_its_thread_and_a_closed_one_refuses_requests(model):
     (prompt,) = prompts(model, [9])
     batcher = BatchGenerator(model, slots=2)
     list(batcher.generate(prompt, 3, eos_token_ids=[]))
-    for _ in range(200):
-        if not batcher.busy:
-            break
-        threading.Event().wait(0.01)
-    assert not batcher.busy
+    thread, gone = batcher._thread, weakref.ref(batcher)
+    del batcher
+    gc.collect()
+    thread.join(timeout=5)
+    assert gone() is None and not thread.is_alive()
+
+    batcher = BatchGenerator(model, slots=2)
+    batcher.close()
+    assert not batcher._thread.is_alive()
+    with pytest.raises(RuntimeError, match="closed"):
+        list(batcher.generate(prompt, 3, eos_token_ids=[]))

@@ -10,6 +10,7 @@ import torch
 from models import BatchGenerator, generate, load_model
 from models.compiled import CompiledDecode, compile_wanted
 from models.factory import tiny_config, write_checkpoint
+from models.layers import BatchStep
 
 
 @pytest.fixture(scope="module", params=[None, "int8"])
@@ -44,17 +45,27 @@ def test_eager_serves_until_the_compiled_step_is_ready(models):
     assert pending(torch.zeros((1, 1), dtype=torch.long), eager.new_cache(1, 4), 0) is None
 
 
-def test_generate_and_the_batcher_use_the_compiled_step(models, monkeypatch):
+def test_generate_and_the_batcher_use_the_compiled_steps(models, monkeypatch):
     eager, fast = models
     prompt = torch.randint(3, eager.config.vocab_size, (20,)).tolist()
-    calls = []
-    original = fast.fast_decode._step
-    monkeypatch.setattr(fast.fast_decode, "_step", lambda *args: calls.append(1) or original(*args))
+    single, batched = [], []
+    step, batch = fast.fast_decode._step, fast.fast_decode._batch
+    monkeypatch.setattr(fast.fast_decode, "_step", lambda *args: single.append(1) or step(*args))
+    monkeypatch.setattr(fast.fast_decode, "_batch", lambda ids, *rest: batched.append(ids.numel()) or batch(ids, *rest))
     expected = list(generate(eager, prompt, 12, eos_token_ids=[]))
     assert list(generate(fast, prompt, 12, eos_token_ids=[])) == expected
-    assert len(calls) == 11  # every decode step after the prefill
-    assert list(BatchGenerator(fast).generate(prompt, 12, eos_token_ids=[])) == expected
-    assert len(calls) == 22
+    assert len(single) == 11  # every decode step after the prefill
+    batcher = BatchGenerator(fast)
+    assert list(batcher.generate(prompt, 12, eos_token_ids=[])) == expected
+    assert len(single) == 22 and not batched
+
+    second = torch.randint(3, eager.config.vocab_size, (9,)).tolist()
+    long_reply = batcher.generate(prompt, 300, eos_token_ids=[])
+    first = [next(long_reply)]
+    assert list(batcher.generate(second, 12, eos_token_ids=[])) == list(generate(eager, second, 12, eos_token_ids=[]))
+    first.extend(long_reply)  # it went on decoding meanwhile, with the second request in its steps
+    assert first == list(generate(eager, prompt, 300, eos_token_ids=[]))
+    assert len(batched) >= 10 and set(batched) == {2}  # the steps that decode both
 
 
 def test_compile_by_default_only_where_it_pays(models, monkeypatch, tmp_path):
@@ -68,3 +79,27 @@ def test_compile_by_default_only_where_it_pays(models, monkeypatch, tmp_path):
     assert not compile_wanted(eager, None) and compile_wanted(eager, True)
     monkeypatch.setenv("CXX", "no-such-compiler")
     assert not compile_wanted(eager, True)  # inductor's CPU backend needs a C++ compiler
+
+
+@torch.inference_mode()
+def test_compiled_batched_step_equals_eager_for_any_number_of_sequences(models):
+    """One graph for every number of sequences (2 or more), positions and cache sizes."""
+    eager, fast = models
+    vocab = eager.config.vocab_size
+    lengths = [30, 7, 50, 12]
+    caches = {}
+    for model in (eager, fast):
+        caches[model] = [model.new_cache(1, 64 if i % 2 else 128) for i in range(len(lengths))]
+        for n, cache in zip(lengths, caches[model]):
+            model(torch.arange(3, 3 + n)[None], cache=cache, start=0)
+    for sequences in ([0, 1], [0, 1, 2], [2, 0], [0, 1, 2, 3], [3, 1]):
+        ids = torch.randint(3, vocab, (len(sequences),))
+        steps = [BatchStep([(caches[m][i], lengths[i], 1) for i in sequences]) for m in (eager, fast)]
+        expected = eager.forward_step(steps[0], ids, None)
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            logits = fast.fast_decode.batch(steps[1], ids)
+        torch.testing.assert_close(logits, expected, atol=1e-4, rtol=1e-4)
+        for i in sequences:
+            lengths[i] += 1
+    for eager_cache, fast_cache in zip(caches[eager], caches[fast]):
+        torch.testing.assert_close(fast_cache.keys[-1][:, :, :53], eager_cache.keys[-1][:, :, :53], atol=1e-5, rtol=1e-5)
