@@ -101,7 +101,7 @@ class BatchGenerator:
         self._thread.start()
         if (error := started.get()) is not None:
             raise error
-        _LIVE.add(self)
+        _SCHEDULERS.add((self._thread, self._closed, self._wake))
 
     def generate(
         self,
@@ -260,7 +260,7 @@ class BatchGenerator:
         self._active.remove(request)
 
 
-_LIVE: weakref.WeakSet[BatchGenerator] = weakref.WeakSet()
+_SCHEDULERS: set[tuple[threading.Thread, threading.Event, threading.Condition]] = set()
 
 
 def _serve(generator_ref: weakref.ref, slots: int, started: queue.SimpleQueue, wake: threading.Condition,
@@ -284,8 +284,12 @@ def _serve(generator_ref: weakref.ref, slots: int, started: queue.SimpleQueue, w
 
 
 @atexit.register
-def _close_all() -> None:
-    """A daemon thread inside a torch kernel at interpreter exit aborts the process: let each
-    scheduler finish its step and end first."""
-    for generator in list(_LIVE):
-        generator.close()
+def _stop_schedulers() -> None:
+    """A daemon thread still alive at interpreter exit can abort the process ("terminate called
+    without an active exception"): let each scheduler, even of a generator already dropped,
+    finish its step and end first."""
+    for thread, closed, wake in list(_SCHEDULERS):
+        with wake:
+            closed.set()
+            wake.notify_all()
+        thread.join()
