@@ -1,8 +1,8 @@
 """Continuous batching: many requests on one text model, their steps in one forward pass.
 
-A scheduler thread owns the model and lives as long as the generator (see `_serve`). Each step feeds one token of every decoding request plus
-chunks of the newcomers' prompts, flattened into one row of tokens (`layers.BatchStep`): decoding
-is memory-bound, so the weights stream once for all rows and eight requests cost little more than
+A scheduler thread owns the model and lives as long as the generator (see `_serve`). Each step
+feeds one token of every decoding request plus chunks of the newcomers' prompts, flattened into
+one row of tokens (`layers.BatchStep`): decoding is memory-bound, so the weights stream once for all rows and eight requests cost little more than
 one. Requests join and leave between steps; each keeps its own sampling settings, stop ids, seed
 and cancellation, and a long prompt is prefilled a chunk per step, so it never stalls the others
 for long and a cancelled request stops between chunks. A finished request leaves its keys/values
@@ -101,6 +101,7 @@ class BatchGenerator:
         self._thread.start()
         if (error := started.get()) is not None:
             raise error
+        _SCHEDULERS.difference_update([s for s in _SCHEDULERS if not s[0].is_alive()])  # ended ones
         _SCHEDULERS.add((self._thread, self._closed, self._wake))
 
     def generate(
