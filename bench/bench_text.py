@@ -82,9 +82,9 @@ def measure_ours(folder: str, device: str, dtype: torch.dtype, sizes: dict, quan
 
     model = load_model(folder, device=device, dtype=dtype, quantize=quantize, compile_decode=compile_decode)
     loaded = time.perf_counter()
-    if model.fast_decode is not None:  # both graphs: the batched one compiles after the one-token one
-        model.fast_decode.batch_ready.wait(timeout=900)
-    compile_s = time.perf_counter() - loaded if model.fast_decode is not None and model.fast_decode.batch_ready.is_set() else None
+    if model.fast_decode is not None:  # every graph: the batched ones compile after the one-token one
+        model.fast_decode.done.wait(timeout=900)
+    compile_s = time.perf_counter() - loaded if model.fast_decode is not None and not model.fast_decode.failed else None
     vocab, new = model.config.vocab_size, sizes["new"]
 
     def run(n_prompt: int, new_tokens: int = new, seed: int = 0, **sampling) -> tuple[float, float]:
@@ -118,7 +118,7 @@ def measure_batching(folder: str, device: str, dtype: torch.dtype, sizes: dict, 
     thread.join()
     model, batcher = made["model"], made["batcher"]
     if model.fast_decode is not None:
-        model.fast_decode.batch_ready.wait(timeout=900)
+        model.fast_decode.done.wait(timeout=900)
     vocab, new = model.config.vocab_size, sizes["new"]
     result = {}
     list(batcher.generate(random_prompt(vocab, sizes["short"], 99), 8, eos_token_ids=[]))  # warm-up
@@ -184,7 +184,8 @@ def measure_transformers(folder: str, device: str, dtype: torch.dtype, sizes: di
 
 def measure_llama_cpp(peer: str, quant: str, sizes: dict) -> dict:
     """llama-bench: prefill (pp) and decode (tg) rates, decode at depth; greedy only (it does not
-    sample). Time to first token is the prompt's prefill time."""
+    sample). Time to first token is the prompt's prefill time; a follow-up turn's, that of the new
+    message after the history already in its KV cache (pp at depth)."""
     gguf = Path(peer) / f"model-{quant}.gguf"
     env = {**os.environ, "LD_LIBRARY_PATH": str(Path(peer) / "bin")}
     threads = str(torch.get_num_threads())
@@ -196,8 +197,11 @@ def measure_llama_cpp(peer: str, quant: str, sizes: dict) -> dict:
 
     rows = bench("-p", f"{sizes['short']},{sizes['long']}", "-n", str(sizes["new"]))
     deep = bench("-p", "0", "-n", str(sizes["new"]), "-d", str(sizes["deep"]))
+    turns = bench("-p", str(sizes["short"] + 1), "-n", "0", "-d", f"0,{sizes['history'] + sizes['new'] - 1}")
     rate = {(r["n_prompt"], r["n_gen"]): r["avg_ts"] for r in rows}
-    return {"ttft_short_ms": sizes["short"] / rate[(sizes["short"], 0)] * 1e3, "decode_tok_s": rate[(0, sizes["new"])],
+    first, follow_up = sorted(turns, key=lambda r: r["n_depth"])
+    return {"ttft_first_turn_ms": first["avg_ns"] / 1e6, "ttft_follow_up_ms": follow_up["avg_ns"] / 1e6,
+            "ttft_short_ms": sizes["short"] / rate[(sizes["short"], 0)] * 1e3, "decode_tok_s": rate[(0, sizes["new"])],
             "ttft_long_ms": sizes["long"] / rate[(sizes["long"], 0)] * 1e3, "decode_deep_tok_s": deep[0]["avg_ts"],
             "sampled_tok_s": float("nan"), "bytes_per_token": gguf.stat().st_size}
 
@@ -261,19 +265,24 @@ def print_tables(rows: list[dict], bandwidth: float, sizes: dict, title: str) ->
     ours = [r for r in rows if "aggregate_1_tok_s" in r]
     if ours:
         print(f"\nConcurrent requests ({s['short']}-token prompts, {s['new']} new tokens each) through one BatchGenerator: "
-              f"aggregate tok/s while all of them decode, then end to end (prefill included); and a follow-up "
-              f"turn's TTFT after {s['history']:,} tokens of history\n")
+              f"aggregate tok/s while all of them decode, then end to end (prefill included)\n")
         users = " | ".join(f"{u} user{'s' * (u > 1)}" for u in USERS)
-        print(f"| engine | decoding: {users} | {USERS[-1]} / 1 | end to end: {users} | {USERS[-1]} / 1 "
-              "| TTFT first turn (ms) | TTFT follow-up (ms) |")
-        print("|---|" + "---|" * (2 * len(USERS) + 4))
+        print(f"| engine | decoding: {users} | {USERS[-1]} / 1 | end to end: {users} | {USERS[-1]} / 1 |")
+        print("|---|" + "---|" * (2 * len(USERS) + 2))
         for r in ours:
             cells = []
             for kind in ("decoding", "aggregate"):
                 rates = [r[f"{kind}_{u}_tok_s"] for u in USERS]
                 cells += [f"{a:.1f}" for a in rates] + [f"{rates[-1] / rates[0]:.1f}x"]
-            print(f"| {r['engine']} | " + " | ".join(cells) + f" | {r['ttft_first_turn_ms']:.0f} | {r['ttft_follow_up_ms']:.0f} |")
-
+            print(f"| {r['engine']} | " + " | ".join(cells) + " |")
+    turns = [r for r in rows if "ttft_follow_up_ms" in r]
+    if turns:
+        print(f"\nA follow-up turn: time to first token of a {s['short']}-token message after {s['history']:,} tokens of "
+              f"history and a {s['new']}-token reply held in the KV cache, against the same message as a first turn\n")
+        print("| engine | TTFT first turn (ms) | TTFT follow-up (ms) | follow-up / first |\n|---|---|---|---|")
+        for r in turns:
+            print(f"| {r['engine']} | {r['ttft_first_turn_ms']:.0f} | {r['ttft_follow_up_ms']:.0f} | "
+                  f"{r['ttft_follow_up_ms'] / r['ttft_first_turn_ms']:.1f}x |")
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .ernie4_5 import Ernie45ForCausalLM
-from .compiled import decode_batch, decode_step
+from .compiled import decode_batch
 from .generation import Sampler
 from .layers import BatchStep, KVCache
 
@@ -230,10 +230,7 @@ class BatchGenerator:
                 sampling.append(request)
                 rows.append(offset - 1)
         ids = torch.tensor(ids, device=self.model.device)
-        if len(segments) == 1 and not chunks:  # one user decoding: the compiled steps, when ready
-            cache, begin, _ = segments[0]
-            logits = decode_step(self.model, ids[None], cache, begin)[0]
-        elif not chunks:
+        if not chunks:  # the compiled steps, when ready
             logits = decode_batch(self.model, step, ids)[0]
         else:  # prompt chunks: eager is faster for them
             logits = self.model.forward_step(step, ids, rows)[0]

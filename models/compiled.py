@@ -3,17 +3,19 @@
 Decoding is a chain of matrix-vector products, bound by how fast the weights stream from memory.
 Eager PyTorch streams bf16 weights at ~14-18 GB/s on 2 cores; compiled with `max_autotune` and the
 C++ GEMM backend (weights frozen into the graph, prepacked) the step runs ~2.5x faster in bf16 and
-more in int8 (BENCHMARKS.md). The compile takes 1-3 minutes on 2 cores, so it runs in a background
-thread while the eager step serves, and `generate` and the `BatchGenerator` switch to it once it
-is ready; inductor's on-disk cache makes later processes compile faster.
+more in int8 (BENCHMARKS.md). The compile takes a few minutes on 2 cores, so it runs in a
+background thread while the eager step serves, and `generate` and the `BatchGenerator` switch to
+each graph once it is ready.
 
-Two graphs, each for every position and cache size (dynamic lengths): one token of one sequence
-(`model(token, cache, start)`, attention in the graph), and one token each of any number of
-sequences (`forward_step` over a `layers.BatchStep`, the `BatchGenerator`'s decode steps). In
-the second, each layer's attention is one opaque op (`attend_step`) that runs the sequences'
-attention over their own caches eagerly, as vLLM's attention op does: traced, those caches and
-lengths would become guards, and every new mix of requests a recompile. Steps with prompt chunks
-run eager, which is faster for them (measured: BENCHMARKS.md).
+The graphs: one token of one sequence (`model(token, cache, start)`, attention in the graph,
+dynamic positions and cache sizes), and one token each of 4 or of 8 sequences (`forward_step` over
+a `layers.BatchStep`; fewer are padded up, more run in groups of the largest). In the latter, each
+layer's attention is one opaque op (`attend_step`) that runs the sequences' attention over their
+own caches eagerly, as vLLM's attention op does: traced, those caches and lengths would become
+guards, and every new mix of requests a recompile. Their row counts are static because the GEMM
+kernels chosen for a symbolic count stream the weights again per block of rows (8 rows: 93 ms a
+step, static 52 ms). The opaque op costs the one-token step 5-12% (bf16, int8), hence its own graph. Steps with prompt
+chunks run eager, which is faster for them (measured: BENCHMARKS.md).
 """
 from __future__ import annotations
 
@@ -23,14 +25,20 @@ import shutil
 import threading
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .layers import BatchStep, KVCache
+from .quantize import Int8Linear
 
 log = logging.getLogger(__name__)
 
 INDUCTOR_OPTIONS = {"freezing": True, "max_autotune": True, "max_autotune_gemm_backends": "CPP,ATEN"}
 SETTING = "ERNIE_STUDIO_COMPILE"  # "auto" (default), "1" always where possible, "0" never
+ROW_BUCKETS = (1, 4, 8)  # rows of the compiled steps, compiled in this order; more rows run 8 at a time
+# int8 weights: the weight-only kernels' time grows with the rows (2 rows ~1.9x, 4 ~2.2x, 8 ~6x one
+# row's), so 8 rows run as two steps of 4, which is faster (BENCHMARKS.md).
+INT8_ROW_BUCKETS = (1, 4)
 
 
 def compile_wanted(model: nn.Module, compile_decode: bool | None) -> bool:
@@ -46,13 +54,17 @@ def compile_wanted(model: nn.Module, compile_decode: bool | None) -> bool:
     return compile_decode and shutil.which(os.environ.get("CXX", "g++")) is not None
 
 
-_STEP = threading.local()  # the BatchStep of the compiled batched call running on this thread
+_STEP = threading.local()  # the BatchStep of the compiled call running on this thread
 
 
 @torch.library.custom_op("ernie_studio::attend_step", mutates_args=())
 def attend_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int) -> torch.Tensor:
-    """`BatchStep.attend` of the step in progress (it writes k and v into the sequences' caches)."""
-    return _STEP.step.attend(layer, q, k, v).contiguous()
+    """`BatchStep.attend` of the step in progress (it writes k and v into the sequences' caches);
+    the padding rows after the step's tokens get zeros."""
+    step: BatchStep = _STEP.step
+    n = step.positions.numel()
+    out = step.attend(layer, q[:, :, :n], k[:, :, :n], v[:, :, :n])
+    return F.pad(out, (0, 0, 0, q.shape[2] - n))  # also makes it contiguous
 
 
 @attend_step.register_fake
@@ -72,75 +84,87 @@ class _OpaqueStep:
 
 
 class CompiledDecode:
-    """The compiled steps: one token of one sequence once `ready` is set, one token each of
-    several once `batch_ready` is. Calls before then (or after a failed compile, logged once)
-    return None: the caller runs the eager step."""
+    """The compiled decode steps, one graph per row count in `buckets` (ROW_BUCKETS, or
+    INT8_ROW_BUCKETS for an int8 model); `rows_ready` lists those compiled so far, `done` is set when the compile has ended (`failed` says why, if it failed).
+    A call with no graph ready for its rows returns None: the caller runs the eager step."""
 
     def __init__(self, model: nn.Module, background: bool = True) -> None:
         self.model = model
-        self.ready, self.batch_ready = threading.Event(), threading.Event()
+        self.buckets = INT8_ROW_BUCKETS if any(isinstance(m, Int8Linear) for m in model.modules()) else ROW_BUCKETS
+        self.rows_ready: list[int] = []
+        self.done = threading.Event()
         self.failed: str | None = None
-        self._step = torch.compile(self._eager_step, dynamic=True)
-        self._batch = torch.compile(self._eager_batch, dynamic=True)
+        self._one = torch.compile(self._eager_one, dynamic=True)
+        self._many = torch.compile(self._eager_many, dynamic=False)  # a graph per row count
         if background:
             # Not a daemon: interpreter exit in the middle of a compile aborts the process.
             threading.Thread(target=self.warm_up, name="compile-decode").start()
         else:
             self.warm_up()
 
-    def _eager_step(self, token: torch.Tensor, cache: KVCache, start: int) -> torch.Tensor:
+    def _eager_one(self, token: torch.Tensor, cache: KVCache, start: int) -> torch.Tensor:
         return self.model(token, cache=cache, start=start)
 
-    def _eager_batch(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    def _eager_many(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         return self.model.forward_step(_OpaqueStep(positions), input_ids, None)
 
     def warm_up(self) -> None:
-        """Compile on scratch caches (the graphs serve any cache of the model). Their sizes and
-        positions match no model dimension, so that no size is taken for another (a guard that
-        would fail, and recompile, on the first real call)."""
+        """Compile every row count on scratch caches (the graphs serve any cache and position)."""
         try:
             # The settings as a patch around the compile: passed as torch.compile options, freezing
             # does not take effect (half the speed, measured).
             with torch._inductor.config.patch(INDUCTOR_OPTIONS), torch.inference_mode():
                 device = self.model.device
                 self.model.inv_freq(device)  # made lazily: made before, not during, the trace
-                scratch = [self.model.new_cache(1, 61) for _ in range(3)]
-                self._step(torch.zeros((1, 1), dtype=torch.long, device=device), scratch[0], 37)
-                self.ready.set()
-                step = BatchStep([(cache, 37 + i, 1) for i, cache in enumerate(scratch)])
-                self._run_batch(step, torch.zeros(3, dtype=torch.long, device=device))
-            self.batch_ready.set()
+                for rows in self.buckets:
+                    step = BatchStep([(self.model.new_cache(1, 61), 37, 1) for _ in range(rows)])
+                    self._run(step, torch.zeros(rows, dtype=torch.long, device=device), rows)
+                    self.rows_ready.append(rows)
         except Exception as error:  # no compiler, an inductor limitation: eager stays in charge
             self.failed = f"{type(error).__name__}: {error}"
             log.warning("compiling the decode steps failed; what is not compiled stays eager (%s)", self.failed)
+        finally:
+            self.done.set()
 
-    def _run_batch(self, step: BatchStep, input_ids: torch.Tensor) -> torch.Tensor:
+    def _run(self, step: BatchStep, input_ids: torch.Tensor, rows: int) -> torch.Tensor:
+        """Logits [1, N, V] of the step's N tokens through the graph of `rows` >= N rows."""
+        n = input_ids.numel()
+        if rows == 1:
+            (cache, start, _), = step.segments
+            return self._one(input_ids.view(1, 1), cache, start)
+        padding = (0, rows - n)
         _STEP.step = step
         try:
-            return self._batch(input_ids, step.positions.to(input_ids.device))
+            logits = self._many(F.pad(input_ids, padding), F.pad(step.positions.to(input_ids.device), padding))
         finally:
             _STEP.step = None
+        return logits[:, :n]
 
-    def batch(self, step: BatchStep, input_ids: torch.Tensor) -> torch.Tensor | None:
-        """Logits [1, N, V] of a step that feeds one token [N] to each of N >= 2 sequences."""
-        if not self.batch_ready.is_set() or input_ids.numel() < 2:  # one: `__call__`
+    def __call__(self, step: BatchStep, input_ids: torch.Tensor) -> torch.Tensor | None:
+        """Logits [1, N, V] of a step that feeds one token (`input_ids` [N]) to each of its N
+        sequences, or None while no graph takes N rows."""
+        ready, n = list(self.rows_ready), input_ids.numel()
+        rows = min((r for r in ready if r >= n), default=None)
+        if rows is not None:
+            return self._run(step, input_ids, rows)
+        rows = self.buckets[-1]
+        if rows not in ready:
             return None
-        return self._run_batch(step, input_ids)
-
-    def __call__(self, token: torch.Tensor, cache: KVCache, start: int) -> torch.Tensor | None:
-        return self._step(token, cache, start) if self.ready.is_set() else None
+        segments = step.segments  # more rows than a graph takes: in groups
+        return torch.cat([self._run(BatchStep(segments[i : i + rows]), input_ids[i : i + rows], rows)
+                          for i in range(0, n, rows)], dim=1)
 
 
 def decode_step(model: nn.Module, token: torch.Tensor, cache: KVCache, start: int) -> torch.Tensor:
-    """Logits of one token [1, 1] at `start`: the compiled step once it is ready, else eager."""
+    """Logits of one token [1, 1] at `start`: compiled once that graph is ready, else eager."""
     fast = getattr(model, "fast_decode", None)
-    logits = None if fast is None else fast(token, cache, start)
+    logits = None if fast is None else fast(BatchStep([(cache, start, 1)]), token.view(1))
     return model(token, cache=cache, start=start) if logits is None else logits
 
 
 def decode_batch(model: nn.Module, step: BatchStep, input_ids: torch.Tensor) -> torch.Tensor:
-    """Logits [1, N, V] of one token [N] for each of the step's N sequences: compiled once that
-    graph is ready, else eager."""
+    """Logits [1, N, V] of one token [N] for each of the step's N sequences: compiled once a
+    graph for N rows is ready, else eager."""
     fast = getattr(model, "fast_decode", None)
-    logits = None if fast is None else fast.batch(step, input_ids)
+    logits = None if fast is None else fast(step, input_ids)
     return model.forward_step(step, input_ids, None) if logits is None else logits

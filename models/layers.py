@@ -172,14 +172,9 @@ def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int) -> torch
         # One new query sees every cached key. Its H heads share K key/value heads in groups of
         # G = H/K: folded into the query length, each group is one plain attention per KV head,
         # which CPU SDPA runs 3x (fp32) to 13x (bf16) faster than its enable_gqa path at 4k keys.
-        # Eager, two matmuls with an fp32 softmax between (transformers' eager attention, per
-        # group) are faster still in bf16, 1.75x SDPA at 4k keys; in a compiled graph they are 20x slower
-        # (bench/bench_decode_attention.py, BENCHMARKS.md).
-        folded = q.reshape(B, K, H // K, D)
-        if torch.compiler.is_compiling():
-            return F.scaled_dot_product_attention(folded, k, v).view(B, H, 1, D)
-        scores = torch.matmul(folded, k.transpose(-1, -2)).float() * D**-0.5
-        return torch.matmul(scores.softmax(-1).to(v.dtype), v).view(B, H, 1, D)
+        # Two bf16 matmuls over the cache (a view that grows by a key a step) are slower still:
+        # oneDNN builds a kernel for every new length (bench/bench_decode_attention.py).
+        return F.scaled_dot_product_attention(q.reshape(B, K, H // K, D), k, v).view(B, H, 1, D)
     if S == T:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
     # A chunk after cached keys (chunked prefill, a follow-up turn): folded the same way, each

@@ -1,14 +1,14 @@
-"""The compiled decode step gives the eager step's logits and tokens, serves any cache and
-position without recompiling, and takes over in generate and the BatchGenerator once ready."""
+"""The compiled decode steps give the eager step's logits and tokens, serve any cache, position
+and number of sequences without recompiling, and take over in generate and the BatchGenerator
+once ready."""
 from __future__ import annotations
 
-import threading
 
 import pytest
 import torch
 
 from models import BatchGenerator, generate, load_model
-from models.compiled import CompiledDecode, compile_wanted
+from models.compiled import INT8_ROW_BUCKETS, ROW_BUCKETS, CompiledDecode, compile_wanted
 from models.factory import tiny_config, write_checkpoint
 from models.layers import BatchStep
 
@@ -19,7 +19,8 @@ def models(request, tmp_path_factory):
     eager = load_model(folder, device="cpu", dtype=torch.float32, quantize=request.param)
     fast = load_model(folder, device="cpu", dtype=torch.float32, quantize=request.param)
     fast.fast_decode = CompiledDecode(fast, background=False)
-    assert fast.fast_decode.ready.is_set(), fast.fast_decode.failed
+    expected = INT8_ROW_BUCKETS if request.param == "int8" else ROW_BUCKETS
+    assert fast.fast_decode.rows_ready == list(expected), fast.fast_decode.failed
     return eager, fast
 
 
@@ -34,30 +35,35 @@ def test_compiled_step_equals_eager_at_any_position_and_cache(models):
         for start in range(40, 45):
             token = torch.randint(3, eager.config.vocab_size, (1, 1))
             expected = eager(token, cache=caches[0], start=start)
-            torch.testing.assert_close(fast.fast_decode(token, caches[1], start), expected, atol=1e-4, rtol=1e-4)
+            with torch._dynamo.config.patch(error_on_recompile=True):
+                logits = fast.fast_decode(BatchStep([(caches[1], start, 1)]), token.view(1))
+            torch.testing.assert_close(logits, expected, atol=1e-4, rtol=1e-4)
         torch.testing.assert_close(caches[1].keys[-1][:, :, :45], caches[0].keys[-1][:, :, :45], atol=1e-5, rtol=1e-5)
 
 
-def test_eager_serves_until_the_compiled_step_is_ready(models):
+def test_eager_serves_until_a_graph_for_the_rows_is_ready(models):
     eager, _ = models
     pending = CompiledDecode.__new__(CompiledDecode)  # a compile still running
-    pending.ready = threading.Event()
-    assert pending(torch.zeros((1, 1), dtype=torch.long), eager.new_cache(1, 4), 0) is None
+    pending.buckets, pending.rows_ready = ROW_BUCKETS, []
+    assert pending(BatchStep([(eager.new_cache(1, 4), 0, 1)]), torch.zeros(1, dtype=torch.long)) is None
+    pending.rows_ready = [1]  # the one-row graph only
+    three = BatchStep([(eager.new_cache(1, 4), 0, 1) for _ in range(3)])
+    assert pending(three, torch.zeros(3, dtype=torch.long)) is None
 
 
 def test_generate_and_the_batcher_use_the_compiled_steps(models, monkeypatch):
     eager, fast = models
     prompt = torch.randint(3, eager.config.vocab_size, (20,)).tolist()
-    single, batched = [], []
-    step, batch = fast.fast_decode._step, fast.fast_decode._batch
-    monkeypatch.setattr(fast.fast_decode, "_step", lambda *args: single.append(1) or step(*args))
-    monkeypatch.setattr(fast.fast_decode, "_batch", lambda ids, *rest: batched.append(ids.numel()) or batch(ids, *rest))
+    rows = []  # the (padded) row count of each compiled call
+    one, many = fast.fast_decode._one, fast.fast_decode._many
+    monkeypatch.setattr(fast.fast_decode, "_one", lambda *args: rows.append(1) or one(*args))
+    monkeypatch.setattr(fast.fast_decode, "_many", lambda ids, positions: rows.append(ids.numel()) or many(ids, positions))
     expected = list(generate(eager, prompt, 12, eos_token_ids=[]))
     assert list(generate(fast, prompt, 12, eos_token_ids=[])) == expected
-    assert len(single) == 11  # every decode step after the prefill
+    assert rows == [1] * 11  # every decode step after the prefill
     batcher = BatchGenerator(fast)
     assert list(batcher.generate(prompt, 12, eos_token_ids=[])) == expected
-    assert len(single) == 22 and not batched
+    assert rows == [1] * 22
 
     second = torch.randint(3, eager.config.vocab_size, (9,)).tolist()
     long_reply = batcher.generate(prompt, 300, eos_token_ids=[])
@@ -65,7 +71,7 @@ def test_generate_and_the_batcher_use_the_compiled_steps(models, monkeypatch):
     assert list(batcher.generate(second, 12, eos_token_ids=[])) == list(generate(eager, second, 12, eos_token_ids=[]))
     first.extend(long_reply)  # it went on decoding meanwhile, with the second request in its steps
     assert first == list(generate(eager, prompt, 300, eos_token_ids=[]))
-    assert len(batched) >= 10 and set(batched) == {2}  # the steps that decode both
+    assert rows.count(4) >= 10 and set(rows) == {1, 4}  # two decoding: the 4-row graph
 
 
 def test_compile_by_default_only_where_it_pays(models, monkeypatch, tmp_path):
@@ -83,21 +89,22 @@ def test_compile_by_default_only_where_it_pays(models, monkeypatch, tmp_path):
 
 @torch.inference_mode()
 def test_compiled_batched_step_equals_eager_for_any_number_of_sequences(models):
-    """One graph for every number of sequences (2 or more), positions and cache sizes."""
+    """The graphs of 1, 4 and 8 rows (int8: 1 and 4) serve every number of sequences (more in
+    groups), positions and cache sizes, without recompiling."""
     eager, fast = models
     vocab = eager.config.vocab_size
-    lengths = [30, 7, 50, 12]
+    lengths = [30, 7, 50, 12, 3, 41, 22, 9, 16, 35]
     caches = {}
     for model in (eager, fast):
         caches[model] = [model.new_cache(1, 64 if i % 2 else 128) for i in range(len(lengths))]
         for n, cache in zip(lengths, caches[model]):
             model(torch.arange(3, 3 + n)[None], cache=cache, start=0)
-    for sequences in ([0, 1], [0, 1, 2], [2, 0], [0, 1, 2, 3], [3, 1]):
+    for sequences in ([0, 1], [0, 1, 2], [2, 0], [0, 1, 2, 3], [3, 1], [4], [0, 1, 2, 3, 4, 5, 6], list(range(10))):
         ids = torch.randint(3, vocab, (len(sequences),))
         steps = [BatchStep([(caches[m][i], lengths[i], 1) for i in sequences]) for m in (eager, fast)]
         expected = eager.forward_step(steps[0], ids, None)
         with torch._dynamo.config.patch(error_on_recompile=True):
-            logits = fast.fast_decode.batch(steps[1], ids)
+            logits = fast.fast_decode(steps[1], ids)
         torch.testing.assert_close(logits, expected, atol=1e-4, rtol=1e-4)
         for i in sequences:
             lengths[i] += 1
