@@ -284,6 +284,7 @@ def print_tables(rows: list[dict], bandwidth: float, sizes: dict, title: str) ->
             print(f"| {r['engine']} | {r['ttft_first_turn_ms']:.0f} | {r['ttft_follow_up_ms']:.0f} | "
                   f"{r['ttft_follow_up_ms'] / r['ttft_first_turn_ms']:.1f}x |")
 
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", choices=CONFIGS, default="0.3b")

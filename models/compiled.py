@@ -14,8 +14,8 @@ layer's attention is one opaque op (`attend_step`) that runs the sequences' atte
 own caches eagerly, as vLLM's attention op does: traced, those caches and lengths would become
 guards, and every new mix of requests a recompile. Their row counts are static because the GEMM
 kernels chosen for a symbolic count stream the weights again per block of rows (8 rows: 93 ms a
-step, static 52 ms). The opaque op costs the one-token step 5-12% (bf16, int8), hence its own graph. Steps with prompt
-chunks run eager, which is faster for them (measured: BENCHMARKS.md).
+step, static 52 ms). The opaque op costs the one-token step 5-12% (bf16, int8), hence its own
+graph. Steps with prompt chunks run eager, which is faster for them (measured: BENCHMARKS.md).
 """
 from __future__ import annotations
 
@@ -85,8 +85,9 @@ class _OpaqueStep:
 
 class CompiledDecode:
     """The compiled decode steps, one graph per row count in `buckets` (ROW_BUCKETS, or
-    INT8_ROW_BUCKETS for an int8 model); `rows_ready` lists those compiled so far, `done` is set when the compile has ended (`failed` says why, if it failed).
-    A call with no graph ready for its rows returns None: the caller runs the eager step."""
+    INT8_ROW_BUCKETS for an int8 model); `rows_ready` lists those compiled so far, and `done` is
+    set when the compile has ended (`failed` says why, if it failed). A call with no graph ready
+    for its rows returns None: the caller runs the eager step."""
 
     def __init__(self, model: nn.Module, background: bool = True) -> None:
         self.model = model
@@ -109,7 +110,9 @@ class CompiledDecode:
         return self.model.forward_step(_OpaqueStep(positions), input_ids, None)
 
     def warm_up(self) -> None:
-        """Compile every row count on scratch caches (the graphs serve any cache and position)."""
+        """Compile every row count on scratch caches (the graphs serve any cache of the model).
+        Their sizes and positions match no model dimension, so that no size is taken for another
+        (a guard that would fail, and recompile, on the first real call)."""
         try:
             # The settings as a patch around the compile: passed as torch.compile options, freezing
             # does not take effect (half the speed, measured).
@@ -130,7 +133,7 @@ class CompiledDecode:
         """Logits [1, N, V] of the step's N tokens through the graph of `rows` >= N rows."""
         n = input_ids.numel()
         if rows == 1:
-            (cache, start, _), = step.segments
+            ((cache, start, _),) = step.segments
             return self._one(input_ids.view(1, 1), cache, start)
         padding = (0, rows - n)
         _STEP.step = step
@@ -154,11 +157,16 @@ class CompiledDecode:
         return torch.cat([self._run(BatchStep(segments[i : i + rows]), input_ids[i : i + rows], rows)
                           for i in range(0, n, rows)], dim=1)
 
+    def one(self, token: torch.Tensor, cache: KVCache, start: int) -> torch.Tensor | None:
+        """Logits of one token [1, 1] of one sequence at `start`, or None while that graph is not
+        ready (`generate`'s step: no BatchStep to build)."""
+        return self._one(token, cache, start) if 1 in self.rows_ready else None
+
 
 def decode_step(model: nn.Module, token: torch.Tensor, cache: KVCache, start: int) -> torch.Tensor:
     """Logits of one token [1, 1] at `start`: compiled once that graph is ready, else eager."""
     fast = getattr(model, "fast_decode", None)
-    logits = None if fast is None else fast(BatchStep([(cache, start, 1)]), token.view(1))
+    logits = None if fast is None else fast.one(token, cache, start)
     return model(token, cache=cache, start=start) if logits is None else logits
 
 

@@ -3,7 +3,6 @@ and number of sequences without recompiling, and take over in generate and the B
 once ready."""
 from __future__ import annotations
 
-
 import pytest
 import torch
 
@@ -46,6 +45,7 @@ def test_eager_serves_until_a_graph_for_the_rows_is_ready(models):
     pending = CompiledDecode.__new__(CompiledDecode)  # a compile still running
     pending.buckets, pending.rows_ready = ROW_BUCKETS, []
     assert pending(BatchStep([(eager.new_cache(1, 4), 0, 1)]), torch.zeros(1, dtype=torch.long)) is None
+    assert pending.one(torch.zeros((1, 1), dtype=torch.long), eager.new_cache(1, 4), 0) is None
     pending.rows_ready = [1]  # the one-row graph only
     three = BatchStep([(eager.new_cache(1, 4), 0, 1) for _ in range(3)])
     assert pending(three, torch.zeros(3, dtype=torch.long)) is None
