@@ -9,6 +9,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from models.factory import GENERATION_CONFIG, tiny_config, write_checkpoint, write_ernie_m_checkpoint, write_vl_processor_files
+from models.hub import studio_cache
 
 from .registry import CLASSIFY, DEFAULT_MODELS, VISION, ModelSpec
 
@@ -24,8 +25,7 @@ THINKING_TEMPLATE = (
 
 
 def demo_dir() -> Path:
-    root = os.environ.get("ERNIE_STUDIO_CACHE") or Path.home() / ".cache" / "ernie-studio"
-    return Path(root) / "demo" / DEMO_VERSION
+    return studio_cache("demo") / DEMO_VERSION
 
 
 def write_demo_checkpoint(folder: Path, spec: ModelSpec, seed: int) -> None:

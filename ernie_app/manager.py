@@ -375,7 +375,8 @@ class ModelManager:
 
     def quantize_mode(self, spec: ModelSpec, placement: str | dict) -> str | None:
         """int8 on the CPU where asked (or "auto" for a chat model: batch-1 decoding streams half
-        the bytes, ~1.9x faster on 2 cores; see BENCHMARKS.md); GPUs run bf16."""
+        the bytes, at least as fast as compiled bf16 and 1.6x bf16 uncompiled, in less memory;
+        see BENCHMARKS.md); GPUs run bf16."""
         setting = spec.quantize or self.quantize
         if placement != "cpu" or setting == "none":
             return None

@@ -34,6 +34,11 @@ from .quantize import Int8Linear
 log = logging.getLogger(__name__)
 
 INDUCTOR_OPTIONS = {"freezing": True, "max_autotune": True, "max_autotune_gemm_backends": "CPP,ATEN"}
+# One bf16 row: inductor's C++ GEMM template only. Autotune, timing with the weights in cache,
+# picks oneDNN's linear for some shapes, which then streams them from memory at half the speed
+# (BENCHMARKS.md, 2026-12-08). For batched rows and int8 weights oneDNN's kernels win where it
+# picks them (8 bf16 rows: a step ~2x slower with the template alone; one int8 row: 20 ms vs 15).
+ONE_BF16_ROW_OPTIONS = {**INDUCTOR_OPTIONS, "max_autotune_gemm_backends": "CPP"}
 SETTING = "ERNIE_STUDIO_COMPILE"  # "auto" (default), "1" always where possible, "0" never
 ROW_BUCKETS = (1, 4, 8)  # rows of the compiled steps, compiled in this order; more rows run 8 at a time
 # int8 weights: the weight-only kernels' time grows with the rows (2 rows ~1.9x, 4 ~2.2x, 8 ~6x one
@@ -91,12 +96,16 @@ class CompiledDecode:
 
     def __init__(self, model: nn.Module, background: bool = True) -> None:
         self.model = model
-        self.buckets = INT8_ROW_BUCKETS if any(isinstance(m, Int8Linear) for m in model.modules()) else ROW_BUCKETS
+        self.int8 = any(isinstance(m, Int8Linear) for m in model.modules())
+        self.buckets = INT8_ROW_BUCKETS if self.int8 else ROW_BUCKETS
         self.rows_ready: list[int] = []
         self.done = threading.Event()
         self.failed: str | None = None
-        self._one = torch.compile(self._eager_one, dynamic=True)
-        self._many = torch.compile(self._eager_many, dynamic=False)  # a graph per row count
+        # The weights are frozen into the graphs, so the model's modules are theirs alone: no guards
+        # on them (checking them took 0.5 ms of each call).
+        guards = {"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe}
+        self._one = torch.compile(self._eager_one, dynamic=True, options=guards)
+        self._many = torch.compile(self._eager_many, dynamic=False, options=guards)  # a graph per row count
         if background:
             # Not a daemon: interpreter exit in the middle of a compile aborts the process.
             threading.Thread(target=self.warm_up, name="compile-decode").start()
@@ -114,14 +123,16 @@ class CompiledDecode:
         Their sizes and positions match no model dimension, so that no size is taken for another
         (a guard that would fail, and recompile, on the first real call)."""
         try:
-            # The settings as a patch around the compile: passed as torch.compile options, freezing
-            # does not take effect (half the speed, measured).
-            with torch._inductor.config.patch(INDUCTOR_OPTIONS), torch.inference_mode():
+            with torch.inference_mode():
                 device = self.model.device
                 self.model.inv_freq(device)  # made lazily: made before, not during, the trace
                 for rows in self.buckets:
+                    options = ONE_BF16_ROW_OPTIONS if rows == 1 and not self.int8 else INDUCTOR_OPTIONS
                     step = BatchStep([(self.model.new_cache(1, 61), 37, 1) for _ in range(rows)])
-                    self._run(step, torch.zeros(rows, dtype=torch.long, device=device), rows)
+                    # A patch around the compile: passed as torch.compile options, freezing does
+                    # not take effect (half the speed, measured).
+                    with torch._inductor.config.patch(options):
+                        self._run(step, torch.zeros(rows, dtype=torch.long, device=device), rows)
                     self.rows_ready.append(rows)
         except Exception as error:  # no compiler, an inductor limitation: eager stays in charge
             self.failed = f"{type(error).__name__}: {error}"

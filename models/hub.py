@@ -41,6 +41,13 @@ VL_FILES = CHECKPOINT_FILES + [
 ]
 
 
+def studio_cache(name: str) -> Path:
+    """A folder of our own cache, $ERNIE_STUDIO_CACHE (default ~/.cache/ernie-studio): converted
+    tokenizers, built kernels, demo checkpoints."""
+    root = os.environ.get("ERNIE_STUDIO_CACHE") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "ernie-studio"
+    return Path(root) / name
+
+
 def checkpoint_files(config: dict) -> tuple[list[str], list[str]]:
     """(files to fetch, files to fetch only when those bring no safetensors) for a config.json."""
     architecture = (config.get("architectures") or [""])[0]

@@ -6,6 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import cpu_kernels
+
 
 class RMSNorm(nn.Module):
     """RMSNorm computed in fp32; the normalised value is cast back to the input dtype *before* the
@@ -169,6 +171,8 @@ def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int) -> torch
     B, H, T, D = q.shape
     K, S = k.shape[1], k.shape[2]
     if T == 1:
+        if cpu_kernels.takes(q, k):  # bf16 on a CPU with AVX512-BF16: our kernel, 2x faster at 4k keys
+            return torch.ops.ernie_studio.decode_attention(q, k, v)
         # One new query sees every cached key. Its H heads share K key/value heads in groups of
         # G = H/K: folded into the query length, each group is one plain attention per KV head,
         # which CPU SDPA runs 3x (fp32) to 13x (bf16) faster than its enable_gqa path at 4k keys.

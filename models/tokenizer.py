@@ -19,7 +19,7 @@ from tokenizers import AddedToken
 from tokenizers import Tokenizer as Backend
 
 from .chat_template import Span, render_chat_template, render_with_text_spans, resolve_chat_template
-from .hub import resolve_checkpoint
+from .hub import resolve_checkpoint, studio_cache
 from .sentencepiece_model import parse_model, to_tokenizers
 
 if TYPE_CHECKING:
@@ -29,8 +29,7 @@ SPECIAL_TOKEN_NAMES = ("bos_token", "eos_token", "unk_token", "pad_token", "cls_
 
 
 def cache_dir() -> Path:
-    root = os.environ.get("ERNIE_STUDIO_CACHE") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "ernie-studio"
-    return Path(root) / "tokenizers"
+    return studio_cache("tokenizers")
 
 
 def convert_sentencepiece(path: Path) -> Backend:
